@@ -1,0 +1,13 @@
+"""HTTP API: one blueprint module per resource."""
+
+from __future__ import annotations
+
+from flask_smorest import Api
+
+
+def register(api: Api) -> None:
+    from api import health, runs, workflows
+
+    api.register_blueprint(health.blp)
+    api.register_blueprint(workflows.blp)
+    api.register_blueprint(runs.blp)

@@ -1,0 +1,118 @@
+"""Runs API (spec: list, get, logs, cancel)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask.views import MethodView
+from flask_smorest import Blueprint
+from sqlalchemy import select
+
+from api import context
+from api.pagination import meta, page
+from api.schemas.common import ok
+from api.schemas.runs import (
+    CancelEnvelope,
+    ListRunsQuerySchema,
+    RunEnvelope,
+    RunListEnvelope,
+    RunLogsEnvelope,
+    step_view,
+)
+from app import engine
+from app.errors import NotFound
+from app.ids import RUN_ID
+from models import Run
+
+blp = Blueprint("runs", __name__, url_prefix="/api/v1/runs", description="Execute and monitor workflow runs")
+blp.before_request(context.authenticate)
+
+
+def _run_id(run_id: str) -> str:
+    if not RUN_ID.match(run_id):
+        raise NotFound("Run not found")
+    return run_id
+
+
+def _visible_steps(rows: list[Any]) -> list[dict[str, Any]]:
+    """Steps that have started or been decided; steps still waiting their turn are left out."""
+    return [step_view(r) for r in rows if r.status not in ("pending",) and not (r.status == "queued" and r.attempt <= 1)]
+
+
+def run_detail(run: Run, rows: list[Any]) -> dict[str, Any]:
+    return {
+        "id": run.id,
+        "workflow_id": run.workflow_id,
+        "status": run.status,
+        "trigger_type": run.trigger_type,
+        "input": run.input,
+        "output": run.output,
+        "step_results": _visible_steps(rows),
+        "started_at": run.started_at,
+        "completed_at": run.completed_at,
+        "duration_ms": run.duration_ms,
+        "error": run.error,
+        "created_at": run.created_at,
+        "workflow_version": run.workflow_version,
+        "restarted_from_run_id": run.restarted_from_run_id,
+    }
+
+
+@blp.route("")
+class RunList(MethodView):
+    @blp.arguments(ListRunsQuerySchema, location="query", error_status_code=400)
+    @blp.response(200, RunListEnvelope)
+    def get(self, args: dict[str, Any]) -> dict[str, Any]:
+        """List runs, newest first, with cursor pagination."""
+        query = select(Run).where(Run.company_id == context.company_id())
+        if "workflowId" in args:
+            query = query.where(Run.workflow_id == args["workflowId"])
+        if "status" in args:
+            query = query.where(Run.status == args["status"])
+        limit = args["limit"]
+        with context.services().db.session() as session:
+            rows = list(session.execute(page(query, Run.created_at, Run.id, args.get("cursor"), limit)).scalars())
+        rows, page_meta = meta(rows, limit)
+        return ok(rows, page_meta)
+
+
+@blp.route("/<string:run_id>")
+class RunItem(MethodView):
+    @blp.response(200, RunEnvelope)
+    def get(self, run_id: str) -> dict[str, Any]:
+        """Get a run with its step results."""
+        with context.services().db.session() as session:
+            run = engine.get_run(session, context.company_id(), _run_id(run_id))
+            rows = engine.step_runs(session, run.id)
+        return ok(run_detail(run, rows))
+
+
+@blp.route("/<string:run_id>/logs")
+class RunLogs(MethodView):
+    @blp.response(200, RunLogsEnvelope)
+    def get(self, run_id: str) -> dict[str, Any]:
+        """Execution log: one entry per attempt, plus the attempt in progress."""
+        with context.services().db.session() as session:
+            run = engine.get_run(session, context.company_id(), _run_id(run_id))
+            attempts = engine.step_attempts(session, run.id)
+            running = [r for r in engine.step_runs(session, run.id) if r.status == "running"]
+        logs = [step_view(a) for a in attempts] + [step_view(r) for r in running]
+        return ok({
+            "id": run.id,
+            "workflow_id": run.workflow_id,
+            "status": run.status,
+            "logs": logs,
+            "started_at": run.started_at,
+            "completed_at": run.completed_at,
+            "duration_ms": run.duration_ms,
+            "error": run.error,
+        })
+
+
+@blp.route("/<string:run_id>/cancel")
+class RunCancel(MethodView):
+    @blp.response(200, CancelEnvelope)
+    def post(self, run_id: str) -> dict[str, Any]:
+        """Cancel a pending or running run; no further step starts."""
+        run = engine.cancel_run(context.services(), context.company_id(), _run_id(run_id))
+        return ok({"id": run.id, "status": run.status, "message": "Run cancellation requested"})

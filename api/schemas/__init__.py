@@ -1,0 +1,1 @@
+"""Marshmallow schemas: they serialize every response and document the OpenAPI spec."""

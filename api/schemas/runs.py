@@ -1,0 +1,104 @@
+"""Runs API schemas, field for field as the spec."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from marshmallow import Schema, fields, validate
+
+from api.schemas.common import AnyJSON, Timestamp, envelope
+from models import RUN_STATUSES
+
+
+class RunErrorSchema(Schema):
+    code = fields.String()
+    message = fields.String()
+
+
+class RunSummarySchema(Schema):
+    id = fields.String()
+    workflowId = fields.String(attribute="workflow_id")
+    status = fields.String()
+    triggerType = fields.String(attribute="trigger_type")
+    startedAt = Timestamp(attribute="started_at")
+    completedAt = Timestamp(attribute="completed_at")
+    durationMs = fields.Integer(attribute="duration_ms", allow_none=True)
+    error = fields.Nested(RunErrorSchema, allow_none=True)
+    createdAt = Timestamp(attribute="created_at")
+
+
+class StepResultSchema(Schema):
+    stepId = fields.String(attribute="step_id")
+    status = fields.String()
+    startedAt = Timestamp(attribute="started_at")
+    completedAt = Timestamp(attribute="completed_at")
+    durationMs = fields.Integer(attribute="duration_ms", allow_none=True)
+    input = AnyJSON()
+    output = AnyJSON()
+    error = fields.Nested(RunErrorSchema, allow_none=True)
+    attempt = fields.Integer()
+
+
+class RunDetailSchema(Schema):
+    id = fields.String()
+    workflowId = fields.String(attribute="workflow_id")
+    status = fields.String()
+    triggerType = fields.String(attribute="trigger_type")
+    input = AnyJSON()
+    output = AnyJSON()
+    stepResults = fields.List(fields.Nested(StepResultSchema), attribute="step_results")
+    startedAt = Timestamp(attribute="started_at")
+    completedAt = Timestamp(attribute="completed_at")
+    durationMs = fields.Integer(attribute="duration_ms", allow_none=True)
+    error = fields.Nested(RunErrorSchema, allow_none=True)
+    createdAt = Timestamp(attribute="created_at")
+    workflowVersion = fields.Integer(attribute="workflow_version")
+    restartedFromRunId = fields.String(attribute="restarted_from_run_id", allow_none=True)
+
+
+class RunLogsSchema(Schema):
+    runId = fields.String(attribute="id")
+    workflowId = fields.String(attribute="workflow_id")
+    status = fields.String()
+    logs = fields.List(fields.Nested(StepResultSchema))
+    startedAt = Timestamp(attribute="started_at")
+    completedAt = Timestamp(attribute="completed_at")
+    durationMs = fields.Integer(attribute="duration_ms", allow_none=True)
+    error = fields.Nested(RunErrorSchema, allow_none=True)
+
+
+class CancelResultSchema(Schema):
+    id = fields.String()
+    status = fields.String()
+    message = fields.String()
+
+
+class ListRunsQuerySchema(Schema):
+    workflowId = fields.String(validate=validate.Length(1, 100))
+    status = fields.String(validate=validate.OneOf(RUN_STATUSES))
+    limit = fields.Integer(load_default=50, validate=validate.Range(1, 100), strict=False)
+    cursor = fields.String(validate=validate.Length(1, 500))
+
+
+RunListEnvelope = envelope("RunListEnvelope", RunSummarySchema, many=True, meta=True)
+RunEnvelope = envelope("RunEnvelope", RunDetailSchema)
+RunLogsEnvelope = envelope("RunLogsEnvelope", RunLogsSchema)
+CancelEnvelope = envelope("CancelEnvelope", CancelResultSchema)
+
+
+def step_view(row: Any) -> dict[str, Any]:
+    """A step row as the spec shows it; ``attempt`` is the number of the last attempt made."""
+    attempt = row.attempt
+    if getattr(row, "status", None) == "queued" and attempt > 1:
+        attempt -= 1  # waiting for a retry: the last attempt made is the previous one
+    return {
+        "step_id": row.step_id,
+        "status": row.status,
+        "started_at": row.started_at,
+        "completed_at": row.completed_at,
+        "duration_ms": row.duration_ms,
+        "input": row.input,
+        "output": row.output,
+        "error": row.error,
+        "attempt": attempt,
+    }

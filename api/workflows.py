@@ -1,0 +1,122 @@
+"""Workflows API: define workflows and trigger runs of them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import request
+from flask.views import MethodView
+from flask_smorest import Blueprint
+from sqlalchemy import select
+
+from api import context
+from api.pagination import meta, page
+from api.runs import run_detail
+from api.schemas.common import ok
+from api.schemas.runs import RunEnvelope
+from api.schemas.workflows import (
+    DeletedEnvelope,
+    ListWorkflowsQuerySchema,
+    TriggerSchema,
+    WorkflowCreateSchema,
+    WorkflowEnvelope,
+    WorkflowListEnvelope,
+)
+from app import engine, workflows
+from app.definition import flatten
+from app.errors import ValidationError
+from models import Workflow
+
+blp = Blueprint("workflows", __name__, url_prefix="/api/v1/workflows", description="Define workflows and trigger runs")
+blp.before_request(context.authenticate)
+
+
+def json_body() -> Any:
+    """The request's JSON body; a clear 400 when it is missing or not JSON."""
+    body = request.get_json(silent=True)
+    if body is None:
+        raise ValidationError("Request body must be JSON (Content-Type: application/json)")
+    return body
+
+
+def _definition_doc() -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": WorkflowCreateSchema}}}}
+
+
+@blp.route("")
+class WorkflowList(MethodView):
+    @blp.doc(**_definition_doc())
+    @blp.response(201, WorkflowEnvelope)
+    def post(self) -> tuple[dict[str, Any], int]:
+        """Create a workflow (version 1)."""
+        with context.services().db.session() as session:
+            workflow, definition = workflows.create(session, context.company_id(), json_body())
+        return ok(workflows.view(workflow, definition)), 201
+
+    @blp.arguments(ListWorkflowsQuerySchema, location="query", error_status_code=400)
+    @blp.response(200, WorkflowListEnvelope)
+    def get(self, args: dict[str, Any]) -> dict[str, Any]:
+        """List workflows, newest first."""
+        query = select(Workflow).where(Workflow.company_id == context.company_id(), Workflow.deleted_at.is_(None))
+        with context.services().db.session() as session:
+            rows = list(session.execute(page(query, Workflow.created_at, Workflow.id, args.get("cursor"),
+                                             args["limit"])).scalars())
+            rows, page_meta = meta(rows, args["limit"])
+            data = [workflows.view(w, workflows.current_definition(session, w)) for w in rows]
+        return ok(data, page_meta)
+
+
+@blp.route("/<string:workflow_id>")
+class WorkflowItem(MethodView):
+    @blp.response(200, WorkflowEnvelope)
+    def get(self, workflow_id: str) -> dict[str, Any]:
+        """Get a workflow's current version."""
+        with context.services().db.session() as session:
+            workflow = engine.get_workflow(session, context.company_id(), workflow_id)
+            return ok(workflows.view(workflow, workflows.current_definition(session, workflow)))
+
+    @blp.doc(**_definition_doc())
+    @blp.response(200, WorkflowEnvelope)
+    def put(self, workflow_id: str) -> dict[str, Any]:
+        """Replace the definition: a new immutable version; running runs keep theirs."""
+        with context.services().db.session() as session:
+            workflow, definition = workflows.replace(session, context.company_id(), workflow_id, json_body())
+        return ok(workflows.view(workflow, definition))
+
+    @blp.response(200, DeletedEnvelope)
+    def delete(self, workflow_id: str) -> dict[str, Any]:
+        """Delete a workflow; its runs stay readable."""
+        with context.services().db.session() as session:
+            workflow = workflows.delete(session, context.company_id(), workflow_id)
+        return ok({"id": workflow.id, "deleted": True})
+
+
+@blp.route("/<string:workflow_id>/runs")
+class WorkflowRuns(MethodView):
+    @blp.doc(requestBody={"content": {"application/json": {"schema": TriggerSchema}}},
+             parameters=[{"in": "header", "name": "Idempotency-Key", "schema": {"type": "string"},
+                          "description": "Repeat-safe trigger: the same key returns the same run for 24 h"}])
+    @blp.response(202, RunEnvelope)
+    def post(self, workflow_id: str) -> tuple[dict[str, Any], int, dict[str, str]]:
+        """Trigger a run (trigger type ``api``); 202 with the run, 200 for an idempotent repeat."""
+        raw = request.get_json(silent=True) if request.content_length else {}
+        if raw is None or not isinstance(raw, dict):
+            raise ValidationError("Request body must be a JSON object")
+        errors = TriggerSchema().validate(raw)
+        if errors:
+            details = flatten(errors)
+            raise ValidationError(f"Invalid request: {next(iter(details))}", details=details)
+        args = TriggerSchema().load(raw)
+        key = request.headers.get("Idempotency-Key")
+        if key is not None and not 1 <= len(key) <= 255:
+            raise ValidationError("Idempotency-Key must be 1 to 255 characters",
+                                  details={"Idempotency-Key": ["Length must be between 1 and 255."]})
+        services = context.services()
+        run, created = engine.trigger_run(services, context.company_id(), workflow_id, args["input"],
+                                          args["triggerType"], idempotency_key=key)
+        if created:
+            return ok(run_detail(run, [])), 202, {}
+        with services.db.session() as session:
+            run = engine.get_run(session, context.company_id(), run.id)
+            rows = engine.step_runs(session, run.id)
+        return ok(run_detail(run, rows)), 200, {"Idempotent-Replayed": "true"}

@@ -1,0 +1,1 @@
+"""Baton: execute and monitor multi-step workflow runs."""

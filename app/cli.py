@@ -1,0 +1,462 @@
+"""The ``baton`` command (a Flask ``FlaskGroup``): processes, database, keys, workflows, runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from flask import current_app
+from flask.cli import FlaskGroup
+from sqlalchemy import select
+
+from app.config import Config
+from app.errors import BatonError
+
+EXAMPLE = Path(__file__).resolve().parent / "examples" / "hello.json"
+
+
+def _create_app() -> Any:
+    from app.factory import create_app
+
+    return create_app()
+
+
+@click.group(cls=FlaskGroup, create_app=_create_app, add_default_commands=False, add_version_option=False)
+def cli() -> None:
+    """Baton: execute and monitor multi-step workflow runs."""
+
+
+def main() -> None:
+    try:
+        cli.main(prog_name="baton")
+    except BatonError as exc:
+        click.echo(f"error: {exc.code}: {exc.message}", err=True)
+        sys.exit(1)
+
+
+def _fail(message: str) -> None:
+    raise click.ClickException(message)
+
+
+def _services() -> Any:
+    return current_app.extensions["baton"]
+
+
+def _config() -> Config:
+    return Config.from_env()
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _child_env(config: Config) -> dict[str, str]:
+    env = dict(os.environ)
+    env["BATON_VAR_DIR"] = str(config.var_dir.resolve())
+    return env
+
+
+def _exec(args: list[str], env: dict[str, str]) -> None:
+    """Replace this process, so signals reach the server directly."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(args[0], args, env)
+
+
+def api_command(config: Config, host: str, port: int, workers: int) -> list[str]:
+    return [
+        sys.executable, "-m", "gunicorn", "app.wsgi:app",
+        "--bind", f"{host}:{port}", "--workers", str(workers), "--threads", "4",
+        "--graceful-timeout", "20", "--access-logfile", "-", "--log-level", config.log_level.lower(),
+    ]
+
+
+def worker_command(processes: int, threads: int) -> list[str]:
+    return [sys.executable, "-m", "dramatiq", "workers.main", "--processes", str(processes),
+            "--threads", str(threads), "--worker-shutdown-timeout", "30000", "--skip-logging"]
+
+
+def worker_env(config: Config) -> dict[str, str]:
+    env = _child_env(config)
+    # Dramatiq reads its idle poll back-off from its own variable at import time.
+    env["dramatiq_worker_timeout"] = str(config.worker_idle_timeout_ms)
+    return env
+
+
+@cli.command("api", with_appcontext=False)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--workers", default=2, show_default=True, type=int, help="gunicorn worker processes")
+def api_cmd(host: str, port: int, workers: int) -> None:
+    """Run the HTTP API under gunicorn."""
+    config = _config()
+    _prepare_embedded(config)
+    _exec(api_command(config, host, port, workers), _child_env(config))
+
+
+@cli.command("worker", with_appcontext=False)
+@click.option("--processes", "-p", default=2, show_default=True, type=int)
+@click.option("--threads", "-t", default=8, show_default=True, type=int)
+def worker_cmd(processes: int, threads: int) -> None:
+    """Run Dramatiq worker processes that execute steps."""
+    config = _config()
+    _prepare_embedded(config)
+    _exec(worker_command(processes, threads), worker_env(config))
+
+
+def _prepare_embedded(config: Config) -> None:
+    if config.embedded_redis:
+        from app.embedded import ensure_redis
+
+        ensure_redis(config, daemonize=True)
+    if config.embedded_database:
+        _upgrade(config)
+
+
+def _upgrade(config: Config) -> None:
+    from app.db import Database
+    from app.migrate import upgrade
+
+    db = Database(config)
+    try:
+        upgrade(db)
+    finally:
+        db.dispose()
+
+
+@cli.group("db")
+def db_group() -> None:
+    """Database schema."""
+
+
+@db_group.command("upgrade", with_appcontext=False)
+def db_upgrade() -> None:
+    """Apply every migration."""
+    config = _config()
+    _upgrade(config)
+    click.echo("database is at the latest schema", err=True)
+
+
+# --------------------------------------------------------------------------- dev
+
+
+@cli.command("dev", with_appcontext=False)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--processes", default=2, show_default=True, type=int, help="worker processes")
+@click.option("--threads", default=8, show_default=True, type=int, help="threads per worker process")
+def dev(host: str, port: int, processes: int, threads: int) -> None:
+    """API, workers and embedded services in one command; Ctrl-C stops all of them."""
+    from app.embedded import ensure_redis, stop_redis
+
+    config = _config()
+    say = lambda message: click.echo(f"baton dev: {message}", err=True)  # noqa: E731
+    redis_process = None
+    if config.embedded_redis:
+        say(f"starting embedded Redis ({config.redis_socket})")
+        redis_process = ensure_redis(config, daemonize=False)
+    say("migrating " + ("embedded SQLite " + str(config.sqlite_path) if config.embedded_database else "database"))
+    _upgrade(config)
+    key = _dev_key(config)
+    base_url = f"http://{host}:{port}"
+    workflow_id = _load_example(config)
+    children: list[tuple[str, subprocess.Popen[bytes]]] = []
+    stopping = False
+
+    def stop(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    exit_code = 0
+    try:
+        say(f"starting API on {base_url}")
+        children.append(("api", subprocess.Popen(api_command(config, host, port, 1), env=_child_env(config))))
+        say(f"starting {processes} worker processes x {threads} threads")
+        children.append(("worker", subprocess.Popen(worker_command(processes, threads), env=worker_env(config))))
+        if not _wait_ready(base_url, children, lambda: stopping):
+            exit_code = 1
+        else:
+            curl = (
+                f"curl -s -X POST {base_url}/api/v1/workflows/{workflow_id}/runs "
+                f"-H 'x-api-key: {key}' -H 'Content-Type: application/json' "
+                f"-d '{{\"input\": {{\"name\": \"Ada\", \"baseUrl\": \"{base_url}\"}}}}'"
+            )
+            click.echo(f"Baton is running at {base_url}")
+            click.echo(f"API key: {key}")
+            click.echo(f"Trigger a run:\n  {curl}")
+            click.echo(f"Then: curl -s {base_url}/api/v1/runs -H 'x-api-key: {key}'")
+            sys.stdout.flush()
+        while not stopping and exit_code == 0:
+            for name, child in children:
+                if child.poll() is not None:
+                    say(f"{name} exited with code {child.returncode}; stopping")
+                    exit_code = 1
+            time.sleep(0.2)
+    finally:
+        say("stopping")
+        for _name, child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 40
+        for _name, child in children:
+            try:
+                child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        stop_redis(redis_process)
+        say("stopped")
+    sys.exit(exit_code)
+
+
+def _wait_ready(base_url: str, children: list[tuple[str, subprocess.Popen[bytes]]], stopping: Any) -> bool:
+    import requests
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not stopping():
+        if any(child.poll() is not None for _n, child in children):
+            return False
+        try:
+            if requests.get(f"{base_url}/readyz", timeout=1).status_code == 200:
+                return True
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def _dev_key(config: Config) -> str:
+    """The dev company's key, kept in clear in ./var/ (dev only) so restarts print the same one."""
+    from app import keys
+    from app.db import Database
+
+    key_file = config.var_dir / "dev-api-key"
+    db = Database(config)
+    try:
+        with db.session() as session:
+            if key_file.exists():
+                existing = key_file.read_text().strip()
+                if keys.authenticate(session, existing):
+                    return existing
+            company = keys.get_or_create_company(session, "dev")
+            key = keys.create_key(session, company, "dev")
+            session.commit()
+    finally:
+        db.dispose()
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(key + "\n")
+    key_file.chmod(0o600)
+    return key
+
+
+def _load_example(config: Config) -> str:
+    from app import keys, workflows
+    from app.db import Database
+    from models import Workflow
+
+    payload = json.loads(EXAMPLE.read_text())
+    db = Database(config)
+    try:
+        with db.session() as session:
+            company = keys.get_or_create_company(session, "dev")
+            session.commit()
+            return _apply(session, company.id, payload, workflows, Workflow)
+    finally:
+        db.dispose()
+
+
+def _apply(session: Any, company_id: str, payload: dict[str, Any], workflows: Any, workflow_model: Any) -> str:
+    """Create the workflow, or add a version when its definition changed."""
+    workflow_id = payload.get("id")
+    existing = session.get(workflow_model, workflow_id) if workflow_id else None
+    if existing is not None and existing.company_id == company_id and existing.deleted_at is None:
+        current = workflows.current_definition(session, existing)
+        candidate = {k: v for k, v in payload.items() if k != "id"}
+        from app.definition import validate_definition
+
+        if validate_definition(candidate) == current:
+            return existing.id
+        workflow, _ = workflows.replace(session, company_id, workflow_id, payload)
+        return workflow.id
+    workflow, _ = workflows.create(session, company_id, payload)
+    return workflow.id
+
+
+# --------------------------------------------------------------------------- keys and workflows
+
+
+@cli.group("keys")
+def keys_group() -> None:
+    """API keys."""
+
+
+@keys_group.command("create")
+@click.option("--company", required=True, help="company name; created when new")
+@click.option("--name", default="default", show_default=True, help="a label for the key")
+def keys_create(company: str, name: str) -> None:
+    """Create an API key and print it, alone, on stdout (it is not shown again)."""
+    from app import keys
+
+    with _services().db.session() as session:
+        row = keys.get_or_create_company(session, company)
+        key = keys.create_key(session, row, name)
+        session.commit()
+    click.echo(key)
+
+
+def _company_id(session: Any, name: str | None) -> str:
+    from models import Company
+
+    if name:
+        company = session.execute(select(Company).where(Company.name == name)).scalar_one_or_none()
+        if company is None:
+            _fail(f"no company named {name!r}")
+        return company.id
+    companies = list(session.execute(select(Company).limit(2)).scalars())
+    if len(companies) != 1:
+        _fail("several companies (or none) exist: pass --company NAME")
+    return companies[0].id
+
+
+company_option = click.option("--company", default=None, help="company name (needed when there are several)")
+
+
+@cli.group("workflows")
+def workflows_group() -> None:
+    """Workflow definitions."""
+
+
+@workflows_group.command("apply")
+@click.argument("file", type=click.File("r"))
+@company_option
+def workflows_apply(file: Any, company: str | None) -> None:
+    """Create or update a workflow from a JSON file; prints its id."""
+    from app import workflows
+    from models import Workflow
+
+    try:
+        payload = json.load(file)
+    except json.JSONDecodeError as exc:
+        _fail(f"{file.name} is not valid JSON: {exc}")
+    if not isinstance(payload, dict):
+        _fail(f"{file.name} must hold a JSON object")
+    with _services().db.session() as session:
+        company_id = _company_id(session, company)
+        try:
+            workflow_id = _apply(session, company_id, payload, workflows, Workflow)
+        except BatonError as exc:
+            details = "; ".join(f"{k}: {v[0]}" for k, v in (exc.details or {}).items()) or exc.message
+            _fail(f"{exc.code}: {details}")
+    click.echo(workflow_id)
+
+
+# --------------------------------------------------------------------------- runs
+
+TERMINAL = ("completed", "failed", "cancelled", "timeout")
+
+
+def _run_json(session: Any, company_id: str, run_id: str) -> dict[str, Any]:
+    from api.runs import run_detail
+    from api.schemas.runs import RunDetailSchema
+    from app import engine
+
+    run = engine.get_run(session, company_id, run_id)
+    return RunDetailSchema().dump(run_detail(run, engine.step_runs(session, run.id)))
+
+
+def _print(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+@cli.group("runs")
+def runs_group() -> None:
+    """Inspect and control runs."""
+
+
+@runs_group.command("list")
+@company_option
+@click.option("--workflow", "workflow_id", default=None)
+@click.option("--status", default=None)
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 100))
+def runs_list(company: str | None, workflow_id: str | None, status: str | None, limit: int) -> None:
+    """List runs, newest first."""
+    from api.schemas.runs import RunSummarySchema
+    from models import RUN_STATUSES, Run
+
+    if status is not None and status not in RUN_STATUSES:
+        _fail(f"unknown status {status!r}; use one of {', '.join(RUN_STATUSES)}")
+    with _services().db.session() as session:
+        query = select(Run).where(Run.company_id == _company_id(session, company))
+        if workflow_id:
+            query = query.where(Run.workflow_id == workflow_id)
+        if status:
+            query = query.where(Run.status == status)
+        rows = session.execute(query.order_by(Run.created_at.desc(), Run.id.desc()).limit(limit)).scalars()
+        _print(RunSummarySchema(many=True).dump(list(rows)))
+
+
+@runs_group.command("get")
+@click.argument("run_id")
+@company_option
+def runs_get(run_id: str, company: str | None) -> None:
+    """Show a run with its step results."""
+    with _services().db.session() as session:
+        _print(_run_json(session, _company_id(session, company), run_id))
+
+
+@runs_group.command("logs")
+@click.argument("run_id")
+@company_option
+def runs_logs(run_id: str, company: str | None) -> None:
+    """Show one log entry per attempt."""
+    from api.schemas.runs import StepResultSchema, step_view
+    from app import engine
+
+    with _services().db.session() as session:
+        run = engine.get_run(session, _company_id(session, company), run_id)
+        _print(StepResultSchema(many=True).dump([step_view(a) for a in engine.step_attempts(session, run.id)]))
+
+
+@runs_group.command("cancel")
+@click.argument("run_id")
+@company_option
+def runs_cancel(run_id: str, company: str | None) -> None:
+    """Cancel a pending or running run."""
+    from app import engine
+
+    services = _services()
+    with services.db.session() as session:
+        company_id = _company_id(session, company)
+    run = engine.cancel_run(services, company_id, run_id)
+    _print({"id": run.id, "status": run.status, "message": "Run cancellation requested"})
+
+
+@runs_group.command("watch")
+@click.argument("run_id")
+@company_option
+@click.option("--interval", default=0.5, show_default=True, type=float)
+def runs_watch(run_id: str, company: str | None, interval: float) -> None:
+    """Follow a run step by step until it ends; exits non-zero unless it completed."""
+    services = _services()
+    seen: dict[str, tuple[str, int]] = {}
+    while True:
+        with services.db.session() as session:
+            data = _run_json(session, _company_id(session, company), run_id)
+        for step in data["stepResults"]:
+            state = (step["status"], step["attempt"])
+            if seen.get(step["stepId"]) != state:
+                seen[step["stepId"]] = state
+                took = f" {step['durationMs']} ms" if step.get("durationMs") is not None else ""
+                click.echo(f"{step['stepId']}: {step['status']} (attempt {step['attempt']}){took}")
+        if data["status"] in TERMINAL:
+            click.echo(f"run {data['status']}" + (f": {data['error']['message']}" if data.get("error") else ""))
+            sys.exit(0 if data["status"] == "completed" else 1)
+        time.sleep(interval)

@@ -1,0 +1,76 @@
+"""Configuration: the one place that reads the environment."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings for every Baton process; build with ``Config.from_env()``."""
+
+    database_url: str | None = None
+    redis_url: str | None = None
+    broker_url: str | None = None
+    secret_key: str = "dev-secret-key"
+    action_modules: tuple[str, ...] = ()
+    log_level: str = "INFO"
+    var_dir: Path = field(default_factory=lambda: Path.cwd() / "var")
+    queue_namespace: str = "baton"
+    # Dramatiq's idle consumer polls with back-off up to this many ms (its default of 1 s
+    # would dominate step-to-step latency).
+    worker_idle_timeout_ms: int = 100
+    max_content_length: int = 1024 * 1024
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Config:
+        env = os.environ if environ is None else environ
+        modules = tuple(m.strip() for m in env.get("BATON_ACTION_MODULES", "").split(",") if m.strip())
+        return cls(
+            database_url=env.get("DATABASE_URL") or None,
+            redis_url=env.get("REDIS_URL") or None,
+            broker_url=env.get("BROKER_URL") or None,
+            secret_key=env.get("SECRET_KEY") or "dev-secret-key",
+            action_modules=modules,
+            log_level=(env.get("BATON_LOG_LEVEL") or "INFO").upper(),
+            var_dir=Path(env.get("BATON_VAR_DIR") or Path.cwd() / "var"),
+        )
+
+    def with_overrides(self, **changes: object) -> Config:
+        return replace(self, **changes)
+
+    @property
+    def embedded_database(self) -> bool:
+        return self.database_url is None
+
+    @property
+    def embedded_redis(self) -> bool:
+        return self.redis_url is None
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.var_dir / "baton.sqlite3"
+
+    @property
+    def redis_socket(self) -> Path:
+        return self.var_dir / "redis.sock"
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            url = self.database_url
+            # Accept the common postgres:// spellings and select psycopg 3.
+            for prefix in ("postgres://", "postgresql://"):
+                if url.startswith(prefix):
+                    return "postgresql+psycopg://" + url[len(prefix) :]
+            return url
+        return f"sqlite:///{self.sqlite_path}"
+
+    def resolved_redis_url(self) -> str:
+        if self.redis_url:
+            return self.redis_url
+        return f"unix://{self.redis_socket}"
+
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or self.resolved_redis_url()

@@ -1,0 +1,129 @@
+"""Validation of workflow definitions (DESIGN §4), shared by the API and the CLI."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates, validates_schema
+
+from app import templating
+from app.errors import ValidationError as BatonValidationError
+from workers import actions
+
+STEP_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+DEFAULT_STEP_TIMEOUT_MS = 300_000
+MAX_DELAY_MS = 7 * 24 * 3600 * 1000 - 1  # the Redis broker refuses delays of 7 days or more
+
+
+class AnyJSON(fields.Raw):
+    """Any JSON value, including null."""
+
+
+class RetrySchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    maxAttempts = fields.Integer(load_default=1, validate=validate.Range(1, 100), strict=True)
+    backoff = fields.String(load_default="exponential", validate=validate.OneOf(["exponential", "fixed", "linear"]))
+    initialDelayMs = fields.Integer(load_default=1000, validate=validate.Range(0, MAX_DELAY_MS), strict=True)
+    maxDelayMs = fields.Integer(load_default=60_000, validate=validate.Range(0, MAX_DELAY_MS), strict=True)
+
+    @validates_schema
+    def _delays(self, data: dict[str, Any], **_: Any) -> None:
+        if data["maxDelayMs"] < data["initialDelayMs"]:
+            raise ValidationError("maxDelayMs must be at least initialDelayMs", "maxDelayMs")
+
+
+class StepSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    id = fields.String(required=True)
+    action = fields.String(required=True)
+    name = fields.String(validate=validate.Length(max=200))
+    input = AnyJSON(load_default=dict)
+    condition = AnyJSON(data_key="if")
+    retry = fields.Nested(RetrySchema, load_default=lambda: RetrySchema().load({}))
+    timeoutMs = fields.Integer(
+        load_default=DEFAULT_STEP_TIMEOUT_MS, validate=validate.Range(1, 24 * 3600 * 1000), strict=True
+    )
+
+    @validates("id")
+    def _id(self, value: str, **_: Any) -> None:
+        if not STEP_ID.match(value):
+            raise ValidationError(f"Invalid step id {value!r}: use ^[a-z0-9][a-z0-9_-]{{0,63}}$")
+
+    @validates("action")
+    def _action(self, value: str, **_: Any) -> None:
+        if actions.get(value) is None:
+            raise ValidationError(f"Unknown action {value!r}; known: {', '.join(actions.names())}")
+
+
+class DefinitionSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    name = fields.String(required=True, validate=validate.Length(1, 200))
+    description = fields.String(validate=validate.Length(max=2000))
+    steps = fields.List(fields.Nested(StepSchema), required=True, validate=validate.Length(1, 200))
+    output = AnyJSON()
+    timeoutMs = fields.Integer(validate=validate.Range(1, 30 * 24 * 3600 * 1000), strict=True)
+    triggers = fields.Dict(keys=fields.String(), values=AnyJSON())
+
+    @validates_schema
+    def _steps(self, data: dict[str, Any], **_: Any) -> None:
+        errors: dict[str, Any] = {}
+        seen: set[str] = set()
+        for index, step in enumerate(data.get("steps", [])):
+            if step["id"] in seen:
+                errors.setdefault(str(index), {})["id"] = [f"Duplicate step id {step['id']!r}"]
+            seen.add(step["id"])
+            for field_name, value in (("input", step.get("input")), ("if", step.get("condition"))):
+                for path, message in templating.check_syntax(value):
+                    key = f"{field_name}.{path}" if path else field_name
+                    errors.setdefault(str(index), {})[key] = [message]
+        problems: dict[str, Any] = {}
+        if errors:
+            problems["steps"] = errors
+        for path, message in templating.check_syntax(data.get("output")):
+            problems[f"output.{path}" if path else "output"] = [message]
+        if problems:
+            raise ValidationError(problems)
+
+
+def flatten(messages: Any, prefix: str = "") -> dict[str, list[str]]:
+    """Marshmallow's nested messages as ``{"steps.1.id": ["…"]}``."""
+    flat: dict[str, list[str]] = {}
+    if isinstance(messages, dict):
+        for key, value in messages.items():
+            name = str(key) if key != "_schema" else ""
+            path = f"{prefix}.{name}" if prefix and name else (prefix or name or "_schema")
+            flat.update(flatten(value, path))
+    elif isinstance(messages, list) and all(isinstance(m, str) for m in messages):
+        flat.setdefault(prefix or "_schema", []).extend(messages)
+    elif isinstance(messages, list):
+        for index, value in enumerate(messages):
+            flat.update(flatten(value, f"{prefix}.{index}" if prefix else str(index)))
+    else:
+        flat.setdefault(prefix or "_schema", []).append(str(messages))
+    return flat
+
+
+def validate_definition(payload: Any) -> dict[str, Any]:
+    """Validate and normalise a definition; raise ``VALIDATION_ERROR`` naming each bad field."""
+    if not isinstance(payload, dict):
+        raise BatonValidationError("Workflow definition must be a JSON object")
+    try:
+        loaded = DefinitionSchema().load(payload)
+    except ValidationError as exc:
+        details = flatten(exc.messages)
+        first = next(iter(details.items()))
+        raise BatonValidationError(
+            f"Invalid workflow definition: {first[0]}: {first[1][0]}", details=details
+        ) from exc
+    # Store the normalised form with the public key names.
+    for step in loaded["steps"]:
+        if "condition" in step:
+            step["if"] = step.pop("condition")
+    return loaded

@@ -1,0 +1,479 @@
+"""The run and step state machine: every transition, written once, used by the API and the workers.
+
+Every change is a compare-and-set (``UPDATE … WHERE status = … AND attempt = …``) inside a
+transaction that first locks the run row, so a duplicate message, a cancel and a worker can race
+without any of them undoing the others (DESIGN §5.2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import threading
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import redis
+from sqlalchemy import insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app import templating
+from app.db import Database
+from app.errors import Conflict, InvalidState, NotFound
+from app.errors import ValidationError as BatonValidationError
+from app.ids import new_id
+from app.queue import StepQueue
+from app.timeutil import duration_ms, utcnow
+from models import Run, StepAttempt, StepRun, Workflow, WorkflowVersion
+
+IDEMPOTENCY_TTL = timedelta(hours=24)
+LEASE_GRACE = timedelta(seconds=30)
+CANCEL_FLAG_TTL_S = 7 * 24 * 3600
+FINISHED_STEP = ("success", "error", "skipped")
+
+
+@dataclass
+class Services:
+    """What a process needs to drive runs: the database, Redis and the step queue."""
+
+    db: Database
+    redis: redis.Redis
+    queue: StepQueue
+    namespace: str = "baton"
+
+    def cancel_key(self, run_id: str) -> str:
+        return f"{self.namespace}:cancel:{run_id}"
+
+    def is_cancel_requested(self, run_id: str) -> bool:
+        return bool(self.redis.exists(self.cancel_key(run_id)))
+
+
+# --------------------------------------------------------------------------- definitions
+
+_definitions: dict[tuple[str, int], dict[str, Any]] = {}
+_definitions_lock = threading.Lock()
+
+
+def definition_for(session: Session, workflow_id: str, version: int) -> dict[str, Any]:
+    """Versions are immutable, so each process caches them forever."""
+    key = (workflow_id, version)
+    cached = _definitions.get(key)
+    if cached is not None:
+        return cached
+    definition = session.execute(
+        select(WorkflowVersion.definition).where(
+            WorkflowVersion.workflow_id == workflow_id, WorkflowVersion.version == version
+        )
+    ).scalar_one()
+    with _definitions_lock:
+        _definitions[key] = definition
+    return definition
+
+
+# --------------------------------------------------------------------------- trigger
+
+
+def request_hash(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def get_workflow(session: Session, company_id: str, workflow_id: str, *, lock: bool = False) -> Workflow:
+    query = select(Workflow).where(Workflow.id == workflow_id)
+    workflow = session.execute(query.with_for_update() if lock else query).scalar_one_or_none()
+    if workflow is None or workflow.company_id != company_id or workflow.deleted_at is not None:
+        raise NotFound("Workflow not found")
+    return workflow
+
+
+def trigger_run(
+    services: Services,
+    company_id: str,
+    workflow_id: str,
+    run_input: Any,
+    trigger_type: str,
+    *,
+    idempotency_key: str | None = None,
+) -> tuple[Run, bool]:
+    """Insert a pending run and its steps in one transaction, commit, then enqueue the first step.
+
+    Returns the run and whether it was created (False: an idempotent repeat).
+    """
+    if not isinstance(run_input, dict):
+        raise BatonValidationError("input must be a JSON object", details={"input": ["Not a valid object."]})
+    fingerprint = request_hash({"input": run_input, "triggerType": trigger_type}) if idempotency_key else None
+    with services.db.session() as session:
+        workflow = get_workflow(session, company_id, workflow_id)
+        if idempotency_key:
+            existing = _idempotent_run(session, company_id, workflow_id, idempotency_key, fingerprint)
+            if existing is not None:
+                return existing, False
+        definition = definition_for(session, workflow.id, workflow.current_version)
+        now = utcnow()
+        run = Run(
+            id=new_id("run"),
+            company_id=company_id,
+            workflow_id=workflow.id,
+            workflow_version=workflow.current_version,
+            status="pending",
+            trigger_type=trigger_type,
+            input=run_input,
+            created_at=now,
+            deadline_at=now + timedelta(milliseconds=definition["timeoutMs"]) if definition.get("timeoutMs") else None,
+            idempotency_key=idempotency_key,
+            idempotency_hash=fingerprint,
+        )
+        session.add(run)
+        session.flush()
+        first = definition["steps"][0]["id"]
+        session.execute(
+            insert(StepRun),
+            [
+                {
+                    "run_id": run.id,
+                    "step_id": step["id"],
+                    "position": index,
+                    "status": "queued" if index == 0 else "pending",
+                    "attempt": 1 if index == 0 else 0,
+                    "queued_at": now if index == 0 else None,
+                    "reused": False,
+                }
+                for index, step in enumerate(definition["steps"])
+            ],
+        )
+        try:
+            session.commit()
+        except IntegrityError:
+            # A concurrent request with the same Idempotency-Key won the insert.
+            session.rollback()
+            if not idempotency_key:
+                raise
+            existing = _idempotent_run(session, company_id, workflow_id, idempotency_key, fingerprint)
+            if existing is None:
+                raise
+            return existing, False
+    services.queue.enqueue(run.id, first, 1)
+    return run, True
+
+
+def _idempotent_run(
+    session: Session, company_id: str, workflow_id: str, key: str, fingerprint: str | None
+) -> Run | None:
+    existing = session.execute(
+        select(Run).where(Run.company_id == company_id, Run.workflow_id == workflow_id, Run.idempotency_key == key)
+    ).scalar_one_or_none()
+    if existing is None:
+        return None
+    if existing.created_at < utcnow() - IDEMPOTENCY_TTL:
+        # Expired: release the key so this request makes a new run.
+        session.execute(update(Run).where(Run.id == existing.id).values(idempotency_key=None))
+        session.flush()
+        return None
+    if existing.idempotency_hash != fingerprint:
+        raise Conflict("Idempotency-Key was already used with a different request body")
+    return existing
+
+
+# --------------------------------------------------------------------------- reads
+
+
+def get_run(session: Session, company_id: str, run_id: str) -> Run:
+    run = session.get(Run, run_id)
+    if run is None or run.company_id != company_id:
+        raise NotFound("Run not found")
+    return run
+
+
+def step_runs(session: Session, run_id: str) -> list[StepRun]:
+    return list(session.execute(select(StepRun).where(StepRun.run_id == run_id).order_by(StepRun.position)).scalars())
+
+
+def step_attempts(session: Session, run_id: str) -> list[StepAttempt]:
+    return list(
+        session.execute(
+            select(StepAttempt)
+            .where(StepAttempt.run_id == run_id)
+            .order_by(StepAttempt.position, StepAttempt.attempt, StepAttempt.id)
+        ).scalars()
+    )
+
+
+# --------------------------------------------------------------------------- cancel
+
+
+def cancel_run(services: Services, company_id: str, run_id: str) -> Run:
+    """Pending, running or suspended → cancelled; steps not reached become skipped."""
+    with services.db.session() as session:
+        run = get_run(session, company_id, run_id)
+        now = utcnow()
+        result = session.execute(
+            update(Run)
+            .where(Run.id == run.id, Run.status.in_(("pending", "running", "suspended")))
+            .values(status="cancelled", completed_at=now)
+        )
+        if result.rowcount != 1:
+            raise InvalidState("Can only cancel running or pending runs")
+        session.execute(
+            update(StepRun)
+            .where(StepRun.run_id == run.id, StepRun.status.in_(("pending", "queued", "waiting")))
+            .values(status="skipped", completed_at=now)
+        )
+        session.commit()
+        session.refresh(run)
+        if run.started_at is not None:
+            run.duration_ms = duration_ms(run.started_at, run.completed_at)
+            session.commit()
+    services.redis.set(services.cancel_key(run.id), "1", ex=CANCEL_FLAG_TTL_S)
+    return run
+
+
+# --------------------------------------------------------------------------- execution
+
+
+@dataclass
+class StepOutcome:
+    """What executing one attempt produced."""
+
+    status: str  # success | error | skipped
+    input: Any = None
+    output: Any = None
+    error: dict[str, str] | None = None
+    retriable: bool = False
+    retry_after_ms: int | None = None
+    started_at: Any = None
+    completed_at: Any = None
+
+
+@dataclass
+class Claim:
+    """A step this worker now owns: enough to render and run it without another query."""
+
+    run_id: str
+    workflow_id: str
+    trigger_type: str
+    run_input: Any
+    definition: dict[str, Any]
+    position: int
+    attempt: int
+    started_at: Any
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def step(self) -> dict[str, Any]:
+        return self.definition["steps"][self.position]
+
+    @property
+    def step_id(self) -> str:
+        return self.step["id"]
+
+    def template_context(self) -> dict[str, Any]:
+        return {
+            "input": self.run_input,
+            "steps": self.results,
+            "run": {"id": self.run_id, "workflowId": self.workflow_id, "triggerType": self.trigger_type},
+            "secrets": {},
+        }
+
+
+@dataclass
+class Next:
+    """What the worker does after recording a result."""
+
+    claim: Claim | None = None  # run this next step inline, now
+    enqueue: tuple[str, str, int, int] | None = None  # (run_id, step_id, attempt, delay_ms)
+
+
+def _lock_run(session: Session, run_id: str) -> Run | None:
+    return session.execute(select(Run).where(Run.id == run_id).with_for_update()).scalar_one_or_none()
+
+
+def _lease(definition: dict[str, Any], position: int, now: Any) -> Any:
+    return now + timedelta(milliseconds=definition["steps"][position]["timeoutMs"]) + LEASE_GRACE
+
+
+def claim_step(services: Services, run_id: str, step_id: str, attempt: int) -> Claim | None:
+    """Take a queued step for execution; None when the message is stale or the run is not active."""
+    with services.db.session() as session:
+        run = _lock_run(session, run_id)
+        if run is None or run.status not in ("pending", "running"):
+            return None
+        definition = definition_for(session, run.workflow_id, run.workflow_version)
+        rows = step_runs(session, run_id)
+        target = next((r for r in rows if r.step_id == step_id), None)
+        if target is None or target.status != "queued" or target.attempt != attempt:
+            return None
+        now = utcnow()
+        claimed = session.execute(
+            update(StepRun)
+            .where(StepRun.id == target.id, StepRun.status == "queued", StepRun.attempt == attempt)
+            .values(status="running", started_at=now, completed_at=None, duration_ms=None,
+                    lease_expires_at=_lease(definition, target.position, now))
+        )
+        if claimed.rowcount != 1:
+            session.rollback()
+            return None
+        if run.status == "pending":
+            run.status = "running"
+            run.started_at = now
+        session.commit()
+        return Claim(
+            run_id=run.id,
+            workflow_id=run.workflow_id,
+            trigger_type=run.trigger_type,
+            run_input=run.input,
+            definition=definition,
+            position=target.position,
+            attempt=attempt,
+            started_at=now,
+            results={
+                r.step_id: {"output": r.output, "status": r.status}
+                for r in rows
+                if r.status in FINISHED_STEP
+            },
+        )
+
+
+def release_claim(services: Services, claim: Claim) -> None:
+    """A claimed step that must not run after all (cancel seen before it started): skip it."""
+    with services.db.session() as session:
+        session.execute(
+            update(StepRun)
+            .where(StepRun.run_id == claim.run_id, StepRun.step_id == claim.step_id,
+                   StepRun.status == "running", StepRun.attempt == claim.attempt)
+            .values(status="skipped", completed_at=utcnow(), lease_expires_at=None)
+        )
+        session.commit()
+
+
+def backoff_ms(retry: dict[str, Any], attempt: int, retry_after_ms: int | None = None) -> int:
+    """Delay before attempt ``attempt + 1``: the policy with jitter, never less than Retry-After."""
+    initial, cap = retry["initialDelayMs"], retry["maxDelayMs"]
+    if retry["backoff"] == "fixed":
+        delay = initial
+    elif retry["backoff"] == "linear":
+        delay = initial * attempt
+    else:
+        delay = initial * 2 ** (attempt - 1)
+    delay = min(cap, delay)
+    # Equal jitter: keep half, randomise half, so synchronized failures spread out.
+    delay = delay // 2 + random.randint(0, delay - delay // 2) if delay > 1 else delay
+    if retry_after_ms:
+        delay = max(delay, min(retry_after_ms, cap))
+    return int(delay)
+
+
+def record_result(services: Services, claim: Claim, outcome: StepOutcome) -> Next:
+    """Record one attempt and, in the same transaction, claim what comes next."""
+    step = claim.step
+    now = outcome.completed_at or utcnow()
+    started = outcome.started_at or claim.started_at
+    retry = step["retry"]
+    will_retry = (
+        outcome.status == "error" and outcome.retriable and claim.attempt < retry["maxAttempts"]
+    )
+    with services.db.session() as session:
+        run = _lock_run(session, claim.run_id)
+        if run is None:
+            return Next()
+        finished = session.execute(
+            update(StepRun)
+            .where(StepRun.run_id == claim.run_id, StepRun.step_id == claim.step_id,
+                   StepRun.status == "running", StepRun.attempt == claim.attempt)
+            .values(
+                status="queued" if will_retry else outcome.status,
+                input=outcome.input,
+                output=outcome.output,
+                error=outcome.error,
+                started_at=started,
+                completed_at=None if will_retry else now,
+                duration_ms=None if will_retry else duration_ms(started, now),
+                lease_expires_at=None,
+            )
+        )
+        if finished.rowcount != 1:
+            # Someone else recorded this attempt (a duplicate delivery); theirs stands.
+            session.rollback()
+            return Next()
+        session.execute(
+            insert(StepAttempt).values(
+                run_id=claim.run_id, step_id=claim.step_id, position=claim.position, attempt=claim.attempt,
+                status=outcome.status, input=outcome.input, output=outcome.output, error=outcome.error,
+                started_at=started, completed_at=now, duration_ms=duration_ms(started, now),
+            )
+        )
+        nxt = Next()
+        if run.status != "running":
+            # Cancelled (or otherwise ended) while the step ran: its result stands, nothing follows.
+            if will_retry:
+                session.execute(
+                    update(StepRun)
+                    .where(StepRun.run_id == claim.run_id, StepRun.step_id == claim.step_id)
+                    .values(status="error", completed_at=now, duration_ms=duration_ms(started, now))
+                )
+        elif will_retry:
+            delay = backoff_ms(retry, claim.attempt, outcome.retry_after_ms)
+            session.execute(
+                update(StepRun)
+                .where(StepRun.run_id == claim.run_id, StepRun.step_id == claim.step_id)
+                .values(attempt=claim.attempt + 1, queued_at=now + timedelta(milliseconds=delay))
+            )
+            nxt.enqueue = (claim.run_id, claim.step_id, claim.attempt + 1, delay)
+        elif outcome.status == "error":
+            _skip_rest(session, claim, now)
+            _finish_run(run, "failed", now, error={"code": "STEP_ERROR", "message": outcome.error["message"]})
+        else:
+            claim.results[claim.step_id] = {"output": outcome.output, "status": outcome.status}
+            position = claim.position + 1
+            if position < len(claim.definition["steps"]):
+                next_id = claim.definition["steps"][position]["id"]
+                claimed = session.execute(
+                    update(StepRun)
+                    .where(StepRun.run_id == claim.run_id, StepRun.step_id == next_id, StepRun.status == "pending")
+                    .values(status="running", attempt=1, started_at=now, queued_at=now,
+                            lease_expires_at=_lease(claim.definition, position, now))
+                )
+                if claimed.rowcount == 1:
+                    nxt.claim = Claim(
+                        run_id=claim.run_id, workflow_id=claim.workflow_id, trigger_type=claim.trigger_type,
+                        run_input=claim.run_input, definition=claim.definition, position=position,
+                        attempt=1, started_at=now, results=claim.results,
+                    )
+            else:
+                _complete(run, claim, now)
+        session.commit()
+    if nxt.enqueue is not None:
+        services.queue.enqueue(*nxt.enqueue)
+    return nxt
+
+
+def _skip_rest(session: Session, claim: Claim, now: Any) -> None:
+    session.execute(
+        update(StepRun)
+        .where(StepRun.run_id == claim.run_id, StepRun.position > claim.position, StepRun.status == "pending")
+        .values(status="skipped", completed_at=now)
+    )
+
+
+def _finish_run(run: Run, status: str, now: Any, *, output: Any = None, error: dict | None = None) -> None:
+    run.status = status
+    run.completed_at = now
+    run.duration_ms = duration_ms(run.started_at, now)
+    run.output = output
+    run.error = error
+
+
+def _complete(run: Run, claim: Claim, now: Any) -> None:
+    mapping = claim.definition.get("output")
+    if mapping is None:
+        executed = [r for r in (claim.results.get(s["id"]) for s in claim.definition["steps"]) if r]
+        ran = [r for r in executed if r["status"] == "success"]
+        _finish_run(run, "completed", now, output=ran[-1]["output"] if ran else None)
+        return
+    try:
+        output = templating.render(mapping, claim.template_context(), "output")
+    except templating.TemplateError as exc:
+        _finish_run(run, "failed", now, error={"code": "OUTPUT_ERROR", "message": str(exc)})
+        return
+    _finish_run(run, "completed", now, output=output)

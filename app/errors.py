@@ -1,0 +1,69 @@
+"""The one error hierarchy; every error renders as the spec's envelope."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class BatonError(Exception):
+    """An error with an API code, an HTTP status and a readable message."""
+
+    code = "INTERNAL_ERROR"
+    status = 500
+    default_message = "Internal server error"
+
+    def __init__(self, message: str | None = None, *, details: Any = None, headers: dict | None = None):
+        self.message = message or self.default_message
+        self.details = details
+        self.headers = headers or {}
+        super().__init__(self.message)
+
+    def to_dict(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details is not None:
+            error["details"] = self.details
+        return {"success": False, "error": error}
+
+
+class Unauthorized(BatonError):
+    code, status, default_message = "UNAUTHORIZED", 401, "Missing or invalid API key"
+
+
+class NotFound(BatonError):
+    code, status, default_message = "NOT_FOUND", 404, "Not found"
+
+
+class ValidationError(BatonError):
+    code, status, default_message = "VALIDATION_ERROR", 400, "Invalid request"
+
+
+class InvalidState(BatonError):
+    code, status, default_message = "INVALID_STATE", 400, "Invalid state"
+
+
+class InvalidStep(BatonError):
+    code, status, default_message = "INVALID_STEP", 400, "Invalid step"
+
+
+class Conflict(BatonError):
+    code, status, default_message = "CONFLICT", 409, "Conflict"
+
+
+class PayloadTooLarge(BatonError):
+    code, status, default_message = "PAYLOAD_TOO_LARGE", 413, "Request body exceeds 1 MiB"
+
+
+class RateLimited(BatonError):
+    code, status, default_message = "RATE_LIMITED", 429, "Too many requests"
+
+
+class MethodNotAllowed(BatonError):
+    code, status, default_message = "METHOD_NOT_ALLOWED", 405, "Method not allowed"
+
+
+class ServiceUnavailable(BatonError):
+    code, status, default_message = "SERVICE_UNAVAILABLE", 503, "Service unavailable"
+
+
+class InternalError(BatonError):
+    pass

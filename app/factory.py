@@ -1,0 +1,108 @@
+"""The Flask application factory."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, jsonify
+from flask_smorest import Api
+from werkzeug.exceptions import HTTPException
+
+from api.schemas.common import ErrorEnvelopeSchema
+from app.config import Config
+from app.definition import flatten
+from app.engine import Services
+from app.errors import BatonError
+
+logger = logging.getLogger("baton.api")
+
+_HTTP_CODES = {
+    400: "VALIDATION_ERROR",
+    401: "UNAUTHORIZED",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    409: "CONFLICT",
+    413: "PAYLOAD_TOO_LARGE",
+    415: "VALIDATION_ERROR",
+    422: "VALIDATION_ERROR",
+    429: "RATE_LIMITED",
+}
+
+
+class BatonApi(Api):
+    """flask-smorest's Api with every error rendered as the spec's envelope."""
+
+    ERROR_SCHEMA = ErrorEnvelopeSchema
+
+    def handle_http_exception(self, error: HTTPException) -> Any:
+        data = getattr(error, "data", None) or {}
+        status = error.code or 500
+        code = _HTTP_CODES.get(status, "INTERNAL_ERROR" if status >= 500 else "VALIDATION_ERROR")
+        body: dict[str, Any] = {"code": code, "message": error.description or error.name}
+        if status == 404:
+            body["message"] = "Not found"
+        elif status == 413:
+            body["message"] = "Request body exceeds 1 MiB"
+        elif status == 400 and not data:
+            body["message"] = "Malformed request"
+        messages = data.get("messages")
+        if messages:
+            # webargs nests messages by location: {"query": {"limit": [...]}}
+            details: dict[str, list[str]] = {}
+            for location_messages in messages.values():
+                details.update(flatten(location_messages))
+            status, body["code"] = 400, "VALIDATION_ERROR"
+            first, problems = next(iter(details.items()))
+            body["message"] = f"Invalid {first}: {problems[0]}"
+            body["details"] = details
+        if status >= 500:
+            body = {"code": "INTERNAL_ERROR", "message": "Internal server error"}
+        return jsonify({"success": False, "error": body}), status, data.get("headers", {})
+
+
+def _handle_baton_error(error: BatonError) -> Any:
+    return jsonify(error.to_dict()), error.status, error.headers
+
+
+def _handle_unexpected(error: Exception) -> Any:
+    if isinstance(error, HTTPException):
+        raise error
+    logger.exception("unhandled error")
+    return jsonify({"success": False, "error": {"code": "INTERNAL_ERROR", "message": "Internal server error"}}), 500
+
+
+def create_app(config: Config | None = None, services: Services | None = None) -> Flask:
+    """Build the API app; ``services`` lets tests and ``baton dev`` share connections."""
+    from app.runtime import build_services
+
+    config = config or Config.from_env()
+    app = Flask("baton")
+    app.config.update(
+        SECRET_KEY=config.secret_key,
+        MAX_CONTENT_LENGTH=config.max_content_length,
+        API_TITLE="Baton",
+        API_VERSION="v1",
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/api/v1",
+        OPENAPI_JSON_PATH="openapi.json",
+        API_SPEC_OPTIONS={
+            "info": {"description": "Execute workflows and monitor their execution progress."},
+            "components": {
+                "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}}
+            },
+            "security": [{"apiKey": []}],
+        },
+        JSON_SORT_KEYS=False,
+    )
+    app.json.sort_keys = False
+    app.json.compact = True
+    app.extensions["baton"] = services or build_services(config)
+    app.extensions["baton_config"] = config
+    api = BatonApi(app)
+    from api import register
+
+    register(api)
+    app.register_error_handler(BatonError, _handle_baton_error)
+    app.register_error_handler(Exception, _handle_unexpected)
+    return app

@@ -1,0 +1,25 @@
+"""Prefixed, time-ordered identifiers (UUIDv7 keeps index inserts local)."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import uuid
+
+from uuid6 import uuid7
+
+_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+RUN_ID = re.compile(rf"^run_{_UUID}$")
+WORKFLOW_ID = re.compile(r"^wf_[0-9a-z_-]{1,64}$")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid7()}"
+
+
+def new_short_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:20]}"
+
+
+def new_secret(nbytes: int = 24) -> str:
+    return secrets.token_urlsafe(nbytes)

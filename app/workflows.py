@@ -1,0 +1,84 @@
+"""Workflow definitions: create, replace (a new immutable version), delete."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.definition import validate_definition
+from app.engine import get_workflow
+from app.errors import Conflict, ValidationError
+from app.ids import new_short_id
+from app.timeutil import utcnow
+from models import Workflow, WorkflowVersion
+
+WORKFLOW_ID = re.compile(r"^wf_[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+def view(workflow: Workflow, definition: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **definition,
+        "id": workflow.id,
+        "version": workflow.current_version,
+        "created_at": workflow.created_at,
+        "updated_at": workflow.updated_at,
+    }
+
+
+def current_definition(session: Session, workflow: Workflow) -> dict[str, Any]:
+    return session.execute(
+        select(WorkflowVersion.definition).where(
+            WorkflowVersion.workflow_id == workflow.id, WorkflowVersion.version == workflow.current_version
+        )
+    ).scalar_one()
+
+
+def create(session: Session, company_id: str, payload: Any) -> tuple[Workflow, dict[str, Any]]:
+    payload = dict(payload) if isinstance(payload, dict) else payload
+    workflow_id = payload.pop("id", None) if isinstance(payload, dict) else None
+    if workflow_id is not None and (not isinstance(workflow_id, str) or not WORKFLOW_ID.match(workflow_id)):
+        raise ValidationError("Invalid workflow id", details={"id": ["Must match ^wf_[a-z0-9][a-z0-9_-]{0,63}$"]})
+    definition = validate_definition(payload)
+    now = utcnow()
+    workflow = Workflow(
+        id=workflow_id or new_short_id("wf"), company_id=company_id, name=definition["name"],
+        current_version=1, created_at=now, updated_at=now,
+    )
+    session.add(workflow)
+    try:
+        session.flush()
+    except IntegrityError as exc:
+        session.rollback()
+        raise Conflict(f"Workflow {workflow_id} already exists") from exc
+    session.add(WorkflowVersion(workflow_id=workflow.id, version=1, definition=definition, created_at=now))
+    session.commit()
+    return workflow, definition
+
+
+def replace(session: Session, company_id: str, workflow_id: str, payload: Any) -> tuple[Workflow, dict[str, Any]]:
+    """A new immutable version; runs already started keep the version they pinned."""
+    if isinstance(payload, dict) and "id" in payload:
+        payload = dict(payload)
+        if payload.pop("id") != workflow_id:
+            raise ValidationError("Body id does not match the URL", details={"id": ["Does not match the URL"]})
+    definition = validate_definition(payload)
+    workflow = get_workflow(session, company_id, workflow_id, lock=True)
+    now = utcnow()
+    workflow.current_version += 1
+    workflow.name = definition["name"]
+    workflow.updated_at = now
+    session.add(WorkflowVersion(workflow_id=workflow.id, version=workflow.current_version,
+                                definition=definition, created_at=now))
+    session.commit()
+    return workflow, definition
+
+
+def delete(session: Session, company_id: str, workflow_id: str) -> Workflow:
+    workflow = get_workflow(session, company_id, workflow_id)
+    workflow.deleted_at = utcnow()
+    session.commit()
+    return workflow

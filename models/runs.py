@@ -1,0 +1,92 @@
+"""Runs, the current state of each of their steps, and every attempt."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Boolean, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from models.base import Base, JSONType, UTCDateTime
+
+RUN_STATUSES = ("pending", "running", "completed", "failed", "cancelled", "suspended", "timeout")
+ACTIVE_RUN_STATUSES = ("pending", "running", "suspended")
+STEP_STATUSES = ("pending", "queued", "running", "waiting", "success", "error", "skipped")
+TRIGGER_TYPES = ("api", "webhook", "schedule", "manual")
+
+
+class Run(Base):
+    __tablename__ = "runs"
+    __table_args__ = (
+        # Keyset pagination, newest first (a B-tree scans backwards), with and without each filter.
+        Index("ix_runs_company_created", "company_id", "created_at", "id"),
+        Index("ix_runs_company_workflow_created", "company_id", "workflow_id", "created_at", "id"),
+        Index("ix_runs_company_status_created", "company_id", "status", "created_at", "id"),
+        UniqueConstraint("company_id", "workflow_id", "idempotency_key"),
+    )
+
+    id: Mapped[str] = mapped_column(String(48), primary_key=True)
+    company_id: Mapped[str] = mapped_column(ForeignKey("companies.id", ondelete="CASCADE"))
+    workflow_id: Mapped[str] = mapped_column(ForeignKey("workflows.id", ondelete="CASCADE"))
+    workflow_version: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    trigger_type: Mapped[str] = mapped_column(String(16))
+    input: Mapped[Any] = mapped_column(JSONType)
+    output: Mapped[Any | None] = mapped_column(JSONType)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    duration_ms: Mapped[int | None] = mapped_column(Integer)
+    deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    restarted_from_run_id: Mapped[str | None] = mapped_column(String(48))
+    restart_from_step_id: Mapped[str | None] = mapped_column(String(64))
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    # SHA-256 of the triggering request, to tell a repeat from a different request with the same key.
+    idempotency_hash: Mapped[str | None] = mapped_column(String(64))
+
+
+class StepRun(Base):
+    __tablename__ = "step_runs"
+    __table_args__ = (
+        UniqueConstraint("run_id", "step_id"),
+        # Recovery sweeps look for steps stuck in one status.
+        Index("ix_step_runs_status_queued", "status", "queued_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    step_id: Mapped[str] = mapped_column(String(64))
+    position: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    # Number of the current (or last) attempt; 0 before the first one is claimed.
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    input: Mapped[Any | None] = mapped_column(JSONType)
+    output: Mapped[Any | None] = mapped_column(JSONType)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    duration_ms: Mapped[int | None] = mapped_column(Integer)
+    queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Copied unchanged from the run this one was restarted from.
+    reused: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class StepAttempt(Base):
+    __tablename__ = "step_attempts"
+    __table_args__ = (Index(None, "run_id", "position", "attempt"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    step_id: Mapped[str] = mapped_column(String(64))
+    position: Mapped[int] = mapped_column(Integer)
+    attempt: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    input: Mapped[Any | None] = mapped_column(JSONType)
+    output: Mapped[Any | None] = mapped_column(JSONType)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    duration_ms: Mapped[int | None] = mapped_column(Integer)

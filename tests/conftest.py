@@ -1,0 +1,200 @@
+"""Fixtures: the real PostgreSQL and Redis, a real Dramatiq worker on the real broker.
+
+``DATABASE_URL`` and ``REDIS_URL`` (read through ``Config``) choose the servers; they default to
+the local PostgreSQL database ``test`` and Redis on 127.0.0.1:6379.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import dramatiq
+import pytest
+from sqlalchemy import text
+from werkzeug.serving import make_server
+
+from app import keys
+from app.config import Config
+from app.db import Database
+from app.engine import Services
+from app.factory import create_app
+from app.migrate import upgrade
+from app.queue import StepQueue, make_broker, make_redis
+
+DEFAULT_DATABASE_URL = "postgresql+psycopg://root@127.0.0.1:5432/test"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+TERMINAL = ("completed", "failed", "cancelled", "timeout")
+
+
+@pytest.fixture(scope="session")
+def config() -> Config:
+    env = Config.from_env()
+    return env.with_overrides(
+        database_url=env.database_url or DEFAULT_DATABASE_URL,
+        redis_url=env.redis_url or DEFAULT_REDIS_URL,
+        broker_url=None,
+        queue_namespace=f"baton-test-{uuid.uuid4().hex[:8]}",
+    )
+
+
+@pytest.fixture(scope="session")
+def services(config: Config) -> Iterator[Services]:
+    db = Database(config, pool_size=20)
+    assert not db.is_sqlite, "the suite runs against PostgreSQL"
+    with db.engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    upgrade(db)
+    broker = make_broker(config)
+    svc = Services(db=db, redis=make_redis(config), queue=StepQueue(broker), namespace=config.queue_namespace)
+    yield svc
+    for key in svc.redis.scan_iter(f"{config.queue_namespace}:*"):
+        svc.redis.delete(key)
+    db.dispose()
+
+
+@pytest.fixture(scope="session")
+def worker(services: Services) -> Iterator[dramatiq.Worker]:
+    """A real Dramatiq worker consuming the real Redis broker, in this process."""
+    broker = services.queue.broker
+    dramatiq.set_broker(broker)
+    from workers import actors
+
+    actors.configure(services)
+    worker = dramatiq.Worker(broker, worker_threads=8, worker_timeout=50)
+    worker.start()
+    yield worker
+    worker.stop(timeout=10_000)
+
+
+@pytest.fixture(scope="session")
+def app(config: Config, services: Services) -> Any:
+    flask_app = create_app(config, services)
+    flask_app.testing = True
+    return flask_app
+
+
+@pytest.fixture
+def client(app: Any) -> Any:
+    return app.test_client()
+
+
+@pytest.fixture
+def api_key(services: Services) -> str:
+    """A fresh company per test keeps tests independent without truncating tables."""
+    with services.db.session() as session:
+        company = keys.get_or_create_company(session, f"test-{uuid.uuid4().hex[:12]}")
+        key = keys.create_key(session, company)
+        session.commit()
+    return key
+
+
+@pytest.fixture
+def headers(api_key: str) -> dict[str, str]:
+    return {"x-api-key": api_key}
+
+
+@pytest.fixture(scope="session")
+def live_server(app: Any) -> Iterator[str]:
+    """The API over real HTTP, for the spec's curl and requests examples."""
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+class Target:
+    """A local HTTP server standing in for a step's target: scripted replies, recorded requests."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.replies: list[tuple[int, Any, dict[str, str]]] = []
+        self.delay_s = 0.0
+        self.lock = threading.Lock()
+        target = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _handle(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                try:
+                    body: Any = json.loads(raw) if raw else None
+                except ValueError:
+                    body = raw.decode(errors="replace")
+                with target.lock:
+                    target.requests.append({"method": self.command, "path": self.path,
+                                            "headers": dict(self.headers), "json": body,
+                                            "at": time.monotonic()})
+                    status, reply, extra = target.replies.pop(0) if target.replies else (200, {"ok": True}, {})
+                if target.delay_s:
+                    time.sleep(target.delay_s)
+                payload = json.dumps(reply).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(payload)))
+                for name, value in extra.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def reply(self, status: int, body: Any = None, headers: dict[str, str] | None = None) -> None:
+        self.replies.append((status, body if body is not None else {"status": status}, headers or {}))
+
+
+@pytest.fixture
+def target() -> Iterator[Target]:
+    server = Target()
+    yield server
+    server.server.shutdown()
+
+
+@pytest.fixture
+def make_workflow(client: Any, headers: dict[str, str]) -> Callable[..., str]:
+    def make(steps: list[dict[str, Any]], **extra: Any) -> str:
+        response = client.post("/api/v1/workflows", json={"name": "test", "steps": steps, **extra}, headers=headers)
+        assert response.status_code == 201, response.get_json()
+        return response.get_json()["data"]["id"]
+
+    return make
+
+
+@pytest.fixture
+def trigger(client: Any, headers: dict[str, str]) -> Callable[..., dict[str, Any]]:
+    def run(workflow_id: str, run_input: dict[str, Any] | None = None) -> dict[str, Any]:
+        response = client.post(f"/api/v1/workflows/{workflow_id}/runs", json={"input": run_input or {}},
+                               headers=headers)
+        assert response.status_code == 202, response.get_json()
+        return response.get_json()["data"]
+
+    return run
+
+
+@pytest.fixture
+def wait_run(client: Any, headers: dict[str, str]) -> Callable[..., dict[str, Any]]:
+    def wait(run_id: str, statuses: tuple[str, ...] = TERMINAL, timeout: float = 20.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            data = client.get(f"/api/v1/runs/{run_id}", headers=headers).get_json()["data"]
+            if data["status"] in statuses:
+                return data
+            if time.monotonic() > deadline:
+                raise AssertionError(f"run {run_id} still {data['status']} after {timeout}s: {data}")
+            time.sleep(0.02)
+
+    return wait

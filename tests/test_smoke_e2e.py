@@ -1,0 +1,28 @@
+"""End to end: HTTP trigger → real worker on the real broker → Runs API."""
+
+from __future__ import annotations
+
+
+def test_two_step_workflow_completes(worker, client, headers, target, make_workflow, trigger, wait_run):
+    target.reply(200, {"id": "contact-42", "ok": True})
+    workflow_id = make_workflow(
+        [
+            {"id": "create-contact", "action": "http.request",
+             "input": {"method": "POST", "url": f"{target.url}/contacts",
+                       "json": {"email": "{{ input.email }}", "amount": "{{ input.amount }}"}}},
+            {"id": "summarise", "action": "transform",
+             "input": {"contactId": "{{ steps['create-contact'].output.body.id }}",
+                       "text": "Paid {{ input.amount }}"}},
+        ],
+        output={"contactId": "{{ steps.summarise.output.contactId }}"},
+    )
+    run = trigger(workflow_id, {"email": "a@example.com", "amount": 9900})
+    assert run["status"] == "pending"
+    done = wait_run(run["id"])
+    assert done["status"] == "completed", done
+    assert target.requests[0]["json"] == {"email": "a@example.com", "amount": 9900}
+    assert done["output"] == {"contactId": "contact-42"}
+    first, second = done["stepResults"]
+    assert first["stepId"] == "create-contact" and first["attempt"] == 1 and first["status"] == "success"
+    assert first["input"]["json"] == {"email": "a@example.com", "amount": 9900}
+    assert second["input"] == {"contactId": "contact-42", "text": "Paid 9900"}

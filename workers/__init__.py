@@ -1,0 +1,1 @@
+"""Dramatiq workers: the step actor, its executor and the step actions."""

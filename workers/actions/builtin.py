@@ -1,0 +1,96 @@
+"""Built-in actions: ``http.request``, ``transform`` and ``fail``."""
+
+from __future__ import annotations
+
+import threading
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import requests
+
+from app.timeutil import utcnow
+from workers.actions import ActionContext, StepError, action
+
+_RETRIABLE_STATUS = {408, 429}
+_local = threading.local()
+
+
+def _session() -> requests.Session:
+    # One pooled session per worker thread: keep-alive without sharing across threads.
+    session = getattr(_local, "session", None)
+    if session is None:
+        session = _local.session = requests.Session()
+    return session
+
+
+def _retry_after_ms(value: str | None) -> int | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return int(value) * 1000
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0, int((when - utcnow()).total_seconds() * 1000))
+
+
+@action("http.request")
+def http_request(ctx: ActionContext, params: Any) -> dict[str, Any]:
+    if not isinstance(params, dict) or not isinstance(params.get("url"), str):
+        raise StepError("INVALID_INPUT", "http.request needs an object input with a string 'url'")
+    method = str(params.get("method", "GET")).upper()
+    timeout_s = ctx.timeout_s
+    if isinstance(params.get("timeoutMs"), (int, float)) and params["timeoutMs"] > 0:
+        timeout_s = min(timeout_s, params["timeoutMs"] / 1000)
+    kwargs: dict[str, Any] = {
+        "headers": {str(k): str(v) for k, v in (params.get("headers") or {}).items()},
+        "params": params.get("query") or None,
+        "timeout": timeout_s,
+        "allow_redirects": True,
+    }
+    if "json" in params:
+        kwargs["json"] = params["json"]
+    elif "body" in params:
+        body = params["body"]
+        kwargs["data"] = body if isinstance(body, (str, bytes)) else str(body)
+    try:
+        response = _session().request(method, params["url"], **kwargs)
+    except requests.Timeout as exc:
+        raise StepError("HTTP_TIMEOUT", f"{method} {params['url']} timed out: {exc}", retriable=True) from exc
+    except requests.RequestException as exc:
+        raise StepError("NETWORK_ERROR", f"{method} {params['url']} failed: {exc}", retriable=True) from exc
+
+    content_type = response.headers.get("content-type", "")
+    body: Any = response.text
+    if "json" in content_type:
+        try:
+            body = response.json()
+        except ValueError:
+            body = response.text
+    output = {"status": response.status_code, "headers": dict(response.headers), "body": body}
+    if response.status_code >= 400:
+        retriable = response.status_code >= 500 or response.status_code in _RETRIABLE_STATUS
+        raise StepError(
+            "HTTP_ERROR",
+            f"{method} {params['url']} returned HTTP {response.status_code}",
+            retriable=retriable,
+            retry_after_ms=_retry_after_ms(response.headers.get("retry-after")),
+        )
+    return output
+
+
+@action("transform")
+def transform(ctx: ActionContext, params: Any) -> Any:
+    return params
+
+
+@action("fail")
+def fail(ctx: ActionContext, params: Any) -> Any:
+    params = params if isinstance(params, dict) else {}
+    raise StepError(
+        str(params.get("code") or "STEP_FAILED"),
+        str(params.get("message") or "Step failed"),
+        retriable=bool(params.get("retriable", False)),
+    )
