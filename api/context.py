@@ -18,8 +18,9 @@ def authenticate() -> None:
     with services().db.session() as session:
         company_id = keys.authenticate(session, request.headers.get("x-api-key"))
     if company_id is None:
-        raise Unauthorized("Missing or invalid API key" if request.headers.get("x-api-key") is None
-                           else "Invalid API key")
+        raise Unauthorized(
+            "Missing or invalid API key" if request.headers.get("x-api-key") is None else "Invalid API key"
+        )
     g.company_id = company_id
 
 

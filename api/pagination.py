@@ -27,7 +27,15 @@ def decode_cursor(cursor: str) -> tuple[int, str]:
             raise ValueError("bad types")
         from_epoch_ms(ts)  # range check
         return ts, row_id
-    except (binascii.Error, ValueError, KeyError, TypeError, OverflowError, OSError, UnicodeDecodeError) as exc:
+    except (
+        binascii.Error,
+        ValueError,
+        KeyError,
+        TypeError,
+        OverflowError,
+        OSError,
+        UnicodeDecodeError,
+    ) as exc:
         raise ValidationError("Invalid cursor", details={"cursor": ["Malformed cursor"]}) from exc
 
 

@@ -36,7 +36,11 @@ def _run_id(run_id: str) -> str:
 
 def _visible_steps(rows: list[Any]) -> list[dict[str, Any]]:
     """Steps that have started or been decided; steps still waiting their turn are left out."""
-    return [step_view(r) for r in rows if r.status not in ("pending",) and not (r.status == "queued" and r.attempt <= 1)]
+    return [
+        step_view(r)
+        for r in rows
+        if r.status not in ("pending",) and not (r.status == "queued" and r.attempt <= 1)
+    ]
 
 
 def run_detail(run: Run, rows: list[Any]) -> dict[str, Any]:
@@ -71,7 +75,9 @@ class RunList(MethodView):
             query = query.where(Run.status == args["status"])
         limit = args["limit"]
         with context.services().db.session() as session:
-            rows = list(session.execute(page(query, Run.created_at, Run.id, args.get("cursor"), limit)).scalars())
+            rows = list(
+                session.execute(page(query, Run.created_at, Run.id, args.get("cursor"), limit)).scalars()
+            )
         rows, page_meta = meta(rows, limit)
         return ok(rows, page_meta)
 
@@ -97,16 +103,18 @@ class RunLogs(MethodView):
             attempts = engine.step_attempts(session, run.id)
             running = [r for r in engine.step_runs(session, run.id) if r.status == "running"]
         logs = [step_view(a) for a in attempts] + [step_view(r) for r in running]
-        return ok({
-            "id": run.id,
-            "workflow_id": run.workflow_id,
-            "status": run.status,
-            "logs": logs,
-            "started_at": run.started_at,
-            "completed_at": run.completed_at,
-            "duration_ms": run.duration_ms,
-            "error": run.error,
-        })
+        return ok(
+            {
+                "id": run.id,
+                "workflow_id": run.workflow_id,
+                "status": run.status,
+                "logs": logs,
+                "started_at": run.started_at,
+                "completed_at": run.completed_at,
+                "duration_ms": run.duration_ms,
+                "error": run.error,
+            }
+        )
 
 
 @blp.route("/<string:run_id>/cancel")

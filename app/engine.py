@@ -121,7 +121,9 @@ def trigger_run(
             trigger_type=trigger_type,
             input=run_input,
             created_at=now,
-            deadline_at=now + timedelta(milliseconds=definition["timeoutMs"]) if definition.get("timeoutMs") else None,
+            deadline_at=now + timedelta(milliseconds=definition["timeoutMs"])
+            if definition.get("timeoutMs")
+            else None,
             idempotency_key=idempotency_key,
             idempotency_hash=fingerprint,
         )
@@ -162,7 +164,9 @@ def _idempotent_run(
     session: Session, company_id: str, workflow_id: str, key: str, fingerprint: str | None
 ) -> Run | None:
     existing = session.execute(
-        select(Run).where(Run.company_id == company_id, Run.workflow_id == workflow_id, Run.idempotency_key == key)
+        select(Run).where(
+            Run.company_id == company_id, Run.workflow_id == workflow_id, Run.idempotency_key == key
+        )
     ).scalar_one_or_none()
     if existing is None:
         return None
@@ -187,7 +191,9 @@ def get_run(session: Session, company_id: str, run_id: str) -> Run:
 
 
 def step_runs(session: Session, run_id: str) -> list[StepRun]:
-    return list(session.execute(select(StepRun).where(StepRun.run_id == run_id).order_by(StepRun.position)).scalars())
+    return list(
+        session.execute(select(StepRun).where(StepRun.run_id == run_id).order_by(StepRun.position)).scalars()
+    )
 
 
 def step_attempts(session: Session, run_id: str) -> list[StepAttempt]:
@@ -206,25 +212,21 @@ def step_attempts(session: Session, run_id: str) -> list[StepAttempt]:
 def cancel_run(services: Services, company_id: str, run_id: str) -> Run:
     """Pending, running or suspended → cancelled; steps not reached become skipped."""
     with services.db.session() as session:
-        run = get_run(session, company_id, run_id)
-        now = utcnow()
-        result = session.execute(
-            update(Run)
-            .where(Run.id == run.id, Run.status.in_(("pending", "running", "suspended")))
-            .values(status="cancelled", completed_at=now)
-        )
-        if result.rowcount != 1:
+        run = _lock_run(session, run_id)
+        if run is None or run.company_id != company_id:
+            raise NotFound("Run not found")
+        if run.status not in ("pending", "running", "suspended"):
             raise InvalidState("Can only cancel running or pending runs")
+        now = utcnow()
+        run.status = "cancelled"
+        run.completed_at = now
+        run.duration_ms = duration_ms(run.started_at, now)
         session.execute(
             update(StepRun)
             .where(StepRun.run_id == run.id, StepRun.status.in_(("pending", "queued", "waiting")))
             .values(status="skipped", completed_at=now)
         )
         session.commit()
-        session.refresh(run)
-        if run.started_at is not None:
-            run.duration_ms = duration_ms(run.started_at, run.completed_at)
-            session.commit()
     services.redis.set(services.cancel_key(run.id), "1", ex=CANCEL_FLAG_TTL_S)
     return run
 
@@ -308,8 +310,13 @@ def claim_step(services: Services, run_id: str, step_id: str, attempt: int) -> C
         claimed = session.execute(
             update(StepRun)
             .where(StepRun.id == target.id, StepRun.status == "queued", StepRun.attempt == attempt)
-            .values(status="running", started_at=now, completed_at=None, duration_ms=None,
-                    lease_expires_at=_lease(definition, target.position, now))
+            .values(
+                status="running",
+                started_at=now,
+                completed_at=None,
+                duration_ms=None,
+                lease_expires_at=_lease(definition, target.position, now),
+            )
         )
         if claimed.rowcount != 1:
             session.rollback()
@@ -328,9 +335,7 @@ def claim_step(services: Services, run_id: str, step_id: str, attempt: int) -> C
             attempt=attempt,
             started_at=now,
             results={
-                r.step_id: {"output": r.output, "status": r.status}
-                for r in rows
-                if r.status in FINISHED_STEP
+                r.step_id: {"output": r.output, "status": r.status} for r in rows if r.status in FINISHED_STEP
             },
         )
 
@@ -340,8 +345,12 @@ def release_claim(services: Services, claim: Claim) -> None:
     with services.db.session() as session:
         session.execute(
             update(StepRun)
-            .where(StepRun.run_id == claim.run_id, StepRun.step_id == claim.step_id,
-                   StepRun.status == "running", StepRun.attempt == claim.attempt)
+            .where(
+                StepRun.run_id == claim.run_id,
+                StepRun.step_id == claim.step_id,
+                StepRun.status == "running",
+                StepRun.attempt == claim.attempt,
+            )
             .values(status="skipped", completed_at=utcnow(), lease_expires_at=None)
         )
         session.commit()
@@ -370,17 +379,19 @@ def record_result(services: Services, claim: Claim, outcome: StepOutcome) -> Nex
     now = outcome.completed_at or utcnow()
     started = outcome.started_at or claim.started_at
     retry = step["retry"]
-    will_retry = (
-        outcome.status == "error" and outcome.retriable and claim.attempt < retry["maxAttempts"]
-    )
+    will_retry = outcome.status == "error" and outcome.retriable and claim.attempt < retry["maxAttempts"]
     with services.db.session() as session:
         run = _lock_run(session, claim.run_id)
         if run is None:
             return Next()
         finished = session.execute(
             update(StepRun)
-            .where(StepRun.run_id == claim.run_id, StepRun.step_id == claim.step_id,
-                   StepRun.status == "running", StepRun.attempt == claim.attempt)
+            .where(
+                StepRun.run_id == claim.run_id,
+                StepRun.step_id == claim.step_id,
+                StepRun.status == "running",
+                StepRun.attempt == claim.attempt,
+            )
             .values(
                 status="queued" if will_retry else outcome.status,
                 input=outcome.input,
@@ -398,9 +409,17 @@ def record_result(services: Services, claim: Claim, outcome: StepOutcome) -> Nex
             return Next()
         session.execute(
             insert(StepAttempt).values(
-                run_id=claim.run_id, step_id=claim.step_id, position=claim.position, attempt=claim.attempt,
-                status=outcome.status, input=outcome.input, output=outcome.output, error=outcome.error,
-                started_at=started, completed_at=now, duration_ms=duration_ms(started, now),
+                run_id=claim.run_id,
+                step_id=claim.step_id,
+                position=claim.position,
+                attempt=claim.attempt,
+                status=outcome.status,
+                input=outcome.input,
+                output=outcome.output,
+                error=outcome.error,
+                started_at=started,
+                completed_at=now,
+                duration_ms=duration_ms(started, now),
             )
         )
         nxt = Next()
@@ -430,15 +449,30 @@ def record_result(services: Services, claim: Claim, outcome: StepOutcome) -> Nex
                 next_id = claim.definition["steps"][position]["id"]
                 claimed = session.execute(
                     update(StepRun)
-                    .where(StepRun.run_id == claim.run_id, StepRun.step_id == next_id, StepRun.status == "pending")
-                    .values(status="running", attempt=1, started_at=now, queued_at=now,
-                            lease_expires_at=_lease(claim.definition, position, now))
+                    .where(
+                        StepRun.run_id == claim.run_id,
+                        StepRun.step_id == next_id,
+                        StepRun.status == "pending",
+                    )
+                    .values(
+                        status="running",
+                        attempt=1,
+                        started_at=now,
+                        queued_at=now,
+                        lease_expires_at=_lease(claim.definition, position, now),
+                    )
                 )
                 if claimed.rowcount == 1:
                     nxt.claim = Claim(
-                        run_id=claim.run_id, workflow_id=claim.workflow_id, trigger_type=claim.trigger_type,
-                        run_input=claim.run_input, definition=claim.definition, position=position,
-                        attempt=1, started_at=now, results=claim.results,
+                        run_id=claim.run_id,
+                        workflow_id=claim.workflow_id,
+                        trigger_type=claim.trigger_type,
+                        run_input=claim.run_input,
+                        definition=claim.definition,
+                        position=position,
+                        attempt=1,
+                        started_at=now,
+                        results=claim.results,
                     )
             else:
                 _complete(run, claim, now)

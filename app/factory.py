@@ -9,7 +9,7 @@ from flask import Flask, jsonify
 from flask_smorest import Api
 from werkzeug.exceptions import HTTPException
 
-from api.schemas.common import ErrorEnvelopeSchema
+from api.schemas.common import ErrorEnvelopeSchema, Timestamp
 from app.config import Config
 from app.definition import flatten
 from app.engine import Services
@@ -69,7 +69,9 @@ def _handle_unexpected(error: Exception) -> Any:
     if isinstance(error, HTTPException):
         raise error
     logger.exception("unhandled error")
-    return jsonify({"success": False, "error": {"code": "INTERNAL_ERROR", "message": "Internal server error"}}), 500
+    return jsonify(
+        {"success": False, "error": {"code": "INTERNAL_ERROR", "message": "Internal server error"}}
+    ), 500
 
 
 def create_app(config: Config | None = None, services: Services | None = None) -> Flask:
@@ -100,6 +102,7 @@ def create_app(config: Config | None = None, services: Services | None = None) -
     app.extensions["baton"] = services or build_services(config)
     app.extensions["baton_config"] = config
     api = BatonApi(app)
+    api.register_field(Timestamp, "string", "date-time")
     from api import register
 
     register(api)

@@ -36,8 +36,14 @@ def create_key(session: Session, company: Company, name: str = "default") -> str
     prefix = secrets.token_hex(6)
     key = f"{KEY_PREFIX}{prefix}_{secrets.token_urlsafe(24)}"
     session.add(
-        ApiKey(id=new_short_id("key"), company_id=company.id, name=name, prefix=prefix, hash=_digest(key),
-               created_at=utcnow())
+        ApiKey(
+            id=new_short_id("key"),
+            company_id=company.id,
+            name=name,
+            prefix=prefix,
+            hash=_digest(key),
+            created_at=utcnow(),
+        )
     )
     session.flush()
     return key

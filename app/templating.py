@@ -79,14 +79,25 @@ def render(value: Any, context: dict[str, Any], path: str = "") -> Any:
         if isinstance(value, str):
             return _to_json(_render_string(value, context))
         if isinstance(value, dict):
-            return {key: render(item, context, f"{path}.{key}" if path else key) for key, item in value.items()}
+            return {
+                key: render(item, context, f"{path}.{key}" if path else key) for key, item in value.items()
+            }
         if isinstance(value, list):
             return [render(item, context, f"{path}.{i}" if path else str(i)) for i, item in enumerate(value)]
         return value
     except TemplateError:
         raise
-    except (UndefinedError, SecurityError, TemplateSyntaxError, TypeError, ValueError, ArithmeticError,
-            AttributeError, KeyError, IndexError) as exc:
+    except (
+        UndefinedError,
+        SecurityError,
+        TemplateSyntaxError,
+        TypeError,
+        ValueError,
+        ArithmeticError,
+        AttributeError,
+        KeyError,
+        IndexError,
+    ) as exc:
         where = f" at {path}" if path else ""
         raise TemplateError(f"template error{where}: {exc}") from exc
 

@@ -41,12 +41,18 @@ def create(session: Session, company_id: str, payload: Any) -> tuple[Workflow, d
     payload = dict(payload) if isinstance(payload, dict) else payload
     workflow_id = payload.pop("id", None) if isinstance(payload, dict) else None
     if workflow_id is not None and (not isinstance(workflow_id, str) or not WORKFLOW_ID.match(workflow_id)):
-        raise ValidationError("Invalid workflow id", details={"id": ["Must match ^wf_[a-z0-9][a-z0-9_-]{0,63}$"]})
+        raise ValidationError(
+            "Invalid workflow id", details={"id": ["Must match ^wf_[a-z0-9][a-z0-9_-]{0,63}$"]}
+        )
     definition = validate_definition(payload)
     now = utcnow()
     workflow = Workflow(
-        id=workflow_id or new_short_id("wf"), company_id=company_id, name=definition["name"],
-        current_version=1, created_at=now, updated_at=now,
+        id=workflow_id or new_short_id("wf"),
+        company_id=company_id,
+        name=definition["name"],
+        current_version=1,
+        created_at=now,
+        updated_at=now,
     )
     session.add(workflow)
     try:
@@ -59,20 +65,27 @@ def create(session: Session, company_id: str, payload: Any) -> tuple[Workflow, d
     return workflow, definition
 
 
-def replace(session: Session, company_id: str, workflow_id: str, payload: Any) -> tuple[Workflow, dict[str, Any]]:
+def replace(
+    session: Session, company_id: str, workflow_id: str, payload: Any
+) -> tuple[Workflow, dict[str, Any]]:
     """A new immutable version; runs already started keep the version they pinned."""
     if isinstance(payload, dict) and "id" in payload:
         payload = dict(payload)
         if payload.pop("id") != workflow_id:
-            raise ValidationError("Body id does not match the URL", details={"id": ["Does not match the URL"]})
+            raise ValidationError(
+                "Body id does not match the URL", details={"id": ["Does not match the URL"]}
+            )
     definition = validate_definition(payload)
     workflow = get_workflow(session, company_id, workflow_id, lock=True)
     now = utcnow()
     workflow.current_version += 1
     workflow.name = definition["name"]
     workflow.updated_at = now
-    session.add(WorkflowVersion(workflow_id=workflow.id, version=workflow.current_version,
-                                definition=definition, created_at=now))
+    session.add(
+        WorkflowVersion(
+            workflow_id=workflow.id, version=workflow.current_version, definition=definition, created_at=now
+        )
+    )
     session.commit()
     return workflow, definition
 

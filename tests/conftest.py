@@ -129,10 +129,18 @@ class Target:
                 except ValueError:
                     body = raw.decode(errors="replace")
                 with target.lock:
-                    target.requests.append({"method": self.command, "path": self.path,
-                                            "headers": dict(self.headers), "json": body,
-                                            "at": time.monotonic()})
-                    status, reply, extra = target.replies.pop(0) if target.replies else (200, {"ok": True}, {})
+                    target.requests.append(
+                        {
+                            "method": self.command,
+                            "path": self.path,
+                            "headers": dict(self.headers),
+                            "json": body,
+                            "at": time.monotonic(),
+                        }
+                    )
+                    status, reply, extra = (
+                        target.replies.pop(0) if target.replies else (200, {"ok": True}, {})
+                    )
                 if target.delay_s:
                     time.sleep(target.delay_s)
                 payload = json.dumps(reply).encode()
@@ -167,7 +175,9 @@ def target() -> Iterator[Target]:
 @pytest.fixture
 def make_workflow(client: Any, headers: dict[str, str]) -> Callable[..., str]:
     def make(steps: list[dict[str, Any]], **extra: Any) -> str:
-        response = client.post("/api/v1/workflows", json={"name": "test", "steps": steps, **extra}, headers=headers)
+        response = client.post(
+            "/api/v1/workflows", json={"name": "test", "steps": steps, **extra}, headers=headers
+        )
         assert response.status_code == 201, response.get_json()
         return response.get_json()["data"]["id"]
 
@@ -177,8 +187,9 @@ def make_workflow(client: Any, headers: dict[str, str]) -> Callable[..., str]:
 @pytest.fixture
 def trigger(client: Any, headers: dict[str, str]) -> Callable[..., dict[str, Any]]:
     def run(workflow_id: str, run_input: dict[str, Any] | None = None) -> dict[str, Any]:
-        response = client.post(f"/api/v1/workflows/{workflow_id}/runs", json={"input": run_input or {}},
-                               headers=headers)
+        response = client.post(
+            f"/api/v1/workflows/{workflow_id}/runs", json={"input": run_input or {}}, headers=headers
+        )
         assert response.status_code == 202, response.get_json()
         return response.get_json()["data"]
 

@@ -7,12 +7,23 @@ def test_two_step_workflow_completes(worker, client, headers, target, make_workf
     target.reply(200, {"id": "contact-42", "ok": True})
     workflow_id = make_workflow(
         [
-            {"id": "create-contact", "action": "http.request",
-             "input": {"method": "POST", "url": f"{target.url}/contacts",
-                       "json": {"email": "{{ input.email }}", "amount": "{{ input.amount }}"}}},
-            {"id": "summarise", "action": "transform",
-             "input": {"contactId": "{{ steps['create-contact'].output.body.id }}",
-                       "text": "Paid {{ input.amount }}"}},
+            {
+                "id": "create-contact",
+                "action": "http.request",
+                "input": {
+                    "method": "POST",
+                    "url": f"{target.url}/contacts",
+                    "json": {"email": "{{ input.email }}", "amount": "{{ input.amount }}"},
+                },
+            },
+            {
+                "id": "summarise",
+                "action": "transform",
+                "input": {
+                    "contactId": "{{ steps['create-contact'].output.body.id }}",
+                    "text": "Paid {{ input.amount }}",
+                },
+            },
         ],
         output={"contactId": "{{ steps.summarise.output.contactId }}"},
     )

@@ -85,7 +85,9 @@ def run_action(claim: Claim, step_input: Any) -> Any:
             watchdog.disarm(token)
     except StepTimeout:
         raise actions.StepError(
-            "STEP_TIMEOUT", f"Step {claim.step_id!r} exceeded its timeout of {step['timeoutMs']} ms", retriable=True
+            "STEP_TIMEOUT",
+            f"Step {claim.step_id!r} exceeded its timeout of {step['timeoutMs']} ms",
+            retriable=True,
         ) from None
 
 
@@ -99,19 +101,35 @@ def execute(claim: Claim) -> StepOutcome:
             return StepOutcome("skipped", started_at=started, completed_at=utcnow())
         step_input = templating.render(step.get("input", {}), context, "input")
     except templating.TemplateError as exc:
-        return StepOutcome("error", error={"code": "TEMPLATE_ERROR", "message": str(exc)},
-                           started_at=started, completed_at=utcnow())
+        return StepOutcome(
+            "error",
+            error={"code": "TEMPLATE_ERROR", "message": str(exc)},
+            started_at=started,
+            completed_at=utcnow(),
+        )
     try:
         output = run_action(claim, step_input)
         output = templating._to_json(output)
     except actions.StepError as exc:
-        return StepOutcome("error", input=step_input, error=exc.to_dict(), retriable=exc.retriable,
-                           retry_after_ms=exc.retry_after_ms, started_at=started, completed_at=utcnow())
+        return StepOutcome(
+            "error",
+            input=step_input,
+            error=exc.to_dict(),
+            retriable=exc.retriable,
+            retry_after_ms=exc.retry_after_ms,
+            started_at=started,
+            completed_at=utcnow(),
+        )
     except Exception as exc:  # an action's bug must fail the step, not the worker
         logger.exception("action %s of step %s crashed", step["action"], claim.step_id)
-        return StepOutcome("error", input=step_input,
-                           error={"code": "ACTION_ERROR", "message": f"{type(exc).__name__}: {exc}"},
-                           retriable=True, started_at=started, completed_at=utcnow())
+        return StepOutcome(
+            "error",
+            input=step_input,
+            error={"code": "ACTION_ERROR", "message": f"{type(exc).__name__}: {exc}"},
+            retriable=True,
+            started_at=started,
+            completed_at=utcnow(),
+        )
     return StepOutcome("success", input=step_input, output=output, started_at=started, completed_at=utcnow())
 
 

@@ -15,9 +15,6 @@ class Timestamp(fields.Field):
     def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> str | None:
         return iso(value)
 
-    def _jsonschema_type_mapping(self) -> dict[str, Any]:
-        return {"type": "string", "format": "date-time"}
-
 
 class AnyJSON(fields.Raw):
     """Any JSON value."""
@@ -26,8 +23,11 @@ class AnyJSON(fields.Raw):
 class ErrorBodySchema(Schema):
     code = fields.String(required=True, metadata={"example": "NOT_FOUND"})
     message = fields.String(required=True, metadata={"example": "Run not found"})
-    details = fields.Dict(keys=fields.String(), values=fields.List(fields.String()),
-                          metadata={"description": "Field path → messages (validation errors only)"})
+    details = fields.Dict(
+        keys=fields.String(),
+        values=fields.List(fields.String()),
+        metadata={"description": "Field path → messages (validation errors only)"},
+    )
 
 
 class ErrorEnvelopeSchema(Schema):
@@ -40,7 +40,9 @@ class ListMetaSchema(Schema):
     hasMore = fields.Boolean()
 
 
-def envelope(name: str, data: type[Schema] | Schema, *, many: bool = False, meta: bool = False) -> type[Schema]:
+def envelope(
+    name: str, data: type[Schema] | Schema, *, many: bool = False, meta: bool = False
+) -> type[Schema]:
     """A ``{"success": true, "data": …}`` schema (with ``meta`` for lists)."""
     attrs: dict[str, fields.Field] = {
         "success": fields.Boolean(dump_default=True),

@@ -24,7 +24,9 @@ class WorkflowSchema(Schema):
 class WorkflowCreateSchema(DefinitionSchema):
     """A workflow definition (DESIGN §4), with an optional caller-chosen id."""
 
-    id = fields.String(metadata={"description": "Optional; generated when absent", "example": "wf_invoice-paid"})
+    id = fields.String(
+        metadata={"description": "Optional; generated when absent", "example": "wf_invoice-paid"}
+    )
 
 
 class DeletedSchema(Schema):

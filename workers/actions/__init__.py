@@ -17,7 +17,9 @@ _REGISTRY: dict[str, ActionFunc] = {}
 class StepError(Exception):
     """Raised by an action: a code, a message, whether a retry may help, and an optional delay."""
 
-    def __init__(self, code: str, message: str, *, retriable: bool = False, retry_after_ms: int | None = None):
+    def __init__(
+        self, code: str, message: str, *, retriable: bool = False, retry_after_ms: int | None = None
+    ):
         super().__init__(message)
         self.code = code
         self.message = message
