@@ -32,11 +32,17 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 TERMINAL = ("completed", "failed", "cancelled", "timeout")
 
 
+SCHEMA = f"baton_test_{uuid.uuid4().hex[:8]}"
+
+
 @pytest.fixture(scope="session")
 def config() -> Config:
+    """A schema of its own per session, so concurrent test sessions never collide."""
     env = Config.from_env()
+    base = env.database_url or DEFAULT_DATABASE_URL
+    separator = "&" if "?" in base else "?"
     return env.with_overrides(
-        database_url=env.database_url or DEFAULT_DATABASE_URL,
+        database_url=f"{base}{separator}options=-csearch_path%3D{SCHEMA}",
         redis_url=env.redis_url or DEFAULT_REDIS_URL,
         broker_url=None,
         queue_namespace=f"baton-test-{uuid.uuid4().hex[:8]}",
@@ -48,14 +54,16 @@ def services(config: Config) -> Iterator[Services]:
     db = Database(config, pool_size=20)
     assert not db.is_sqlite, "the suite runs against PostgreSQL"
     with db.engine.begin() as conn:
-        conn.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
-        conn.execute(text("CREATE SCHEMA public"))
+        conn.execute(text(f"CREATE SCHEMA {SCHEMA}"))
     upgrade(db)
     broker = make_broker(config)
     svc = Services(db=db, redis=make_redis(config), queue=StepQueue(broker), namespace=config.queue_namespace)
     yield svc
     for key in svc.redis.scan_iter(f"{config.queue_namespace}:*"):
         svc.redis.delete(key)
+    db.dispose()
+    with db.engine.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
     db.dispose()
 
 
