@@ -28,17 +28,25 @@ def _create_app() -> Any:
     return create_app()
 
 
-@click.group(cls=FlaskGroup, create_app=_create_app, add_default_commands=False, add_version_option=False)
+class BatonGroup(FlaskGroup):
+    """Turns Baton's errors into one readable line and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BatonError as exc:
+            raise click.ClickException(f"{exc.code}: {exc.message}") from exc
+
+
+@click.group(
+    cls=BatonGroup, create_app=lambda: _create_app(), add_default_commands=False, add_version_option=False
+)
 def cli() -> None:
     """Baton: execute and monitor multi-step workflow runs."""
 
 
 def main() -> None:
-    try:
-        cli.main(prog_name="baton")
-    except BatonError as exc:
-        click.echo(f"error: {exc.code}: {exc.message}", err=True)
-        sys.exit(1)
+    cli.main(prog_name="baton")
 
 
 def _fail(message: str) -> None:
