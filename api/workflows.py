@@ -122,7 +122,8 @@ class WorkflowRuns(MethodView):
         errors = TriggerSchema().validate(raw)
         if errors:
             details = flatten(errors)
-            raise ValidationError(f"Invalid request: {next(iter(details))}", details=details)
+            first, problems = next(iter(details.items()))
+            raise ValidationError(f"Invalid {first}: {problems[0]}", details=details)
         args = TriggerSchema().load(raw)
         key = request.headers.get("Idempotency-Key")
         if key is not None and not 1 <= len(key) <= 255:

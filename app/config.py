@@ -21,7 +21,7 @@ class Config:
     queue_namespace: str = "baton"
     # Dramatiq's idle consumer polls with back-off up to this many ms (its default of 1 s
     # would dominate step-to-step latency).
-    worker_idle_timeout_ms: int = 100
+    worker_idle_timeout_ms: int = 20
     max_content_length: int = 1024 * 1024
 
     @classmethod
