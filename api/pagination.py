@@ -5,12 +5,15 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from typing import Any
 
 from sqlalchemy import Select, tuple_
 
 from app.errors import ValidationError
 from app.timeutil import epoch_ms, from_epoch_ms
+
+_ID = re.compile(r"^[a-z]{1,8}_[0-9A-Za-z_-]{1,80}$")
 
 
 def encode_cursor(created_at: Any, row_id: str) -> str:
@@ -23,7 +26,12 @@ def decode_cursor(cursor: str) -> tuple[int, str]:
         standard = cursor.translate(str.maketrans("-_", "+/"))  # accept the URL-safe alphabet too
         data = json.loads(base64.b64decode(standard + "=" * (-len(standard) % 4), validate=True))
         ts, row_id = data["ts"], data["id"]
-        if not isinstance(ts, int) or isinstance(ts, bool) or not isinstance(row_id, str) or not row_id:
+        if (
+            not isinstance(ts, int)
+            or isinstance(ts, bool)
+            or not isinstance(row_id, str)
+            or not _ID.match(row_id)
+        ):
             raise ValueError("bad types")
         from_epoch_ms(ts)  # range check
         return ts, row_id

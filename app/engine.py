@@ -24,7 +24,7 @@ from app import templating
 from app.db import Database
 from app.errors import Conflict, InvalidState, NotFound
 from app.errors import ValidationError as BatonValidationError
-from app.ids import new_id
+from app.ids import WORKFLOW_ID, new_id
 from app.queue import StepQueue
 from app.timeutil import duration_ms, utcnow
 from models import Run, StepAttempt, StepRun, Workflow, WorkflowVersion
@@ -81,6 +81,8 @@ def request_hash(payload: Any) -> str:
 
 
 def get_workflow(session: Session, company_id: str, workflow_id: str, *, lock: bool = False) -> Workflow:
+    if not WORKFLOW_ID.match(workflow_id):
+        raise NotFound("Workflow not found")
     query = select(Workflow).where(Workflow.id == workflow_id)
     workflow = session.execute(query.with_for_update() if lock else query).scalar_one_or_none()
     if workflow is None or workflow.company_id != company_id or workflow.deleted_at is not None:
@@ -103,48 +105,36 @@ def trigger_run(
     """
     if not isinstance(run_input, dict):
         raise BatonValidationError("input must be a JSON object", details={"input": ["Not a valid object."]})
-    fingerprint = request_hash({"input": run_input, "triggerType": trigger_type}) if idempotency_key else None
-    with services.db.session() as session:
+    fingerprint = request_hash({"input": run_input, "triggerType": trigger_type})
+
+    def build(session: Session) -> tuple[Run, str]:
         workflow = get_workflow(session, company_id, workflow_id)
+        definition = definition_for(session, workflow.id, workflow.current_version)
+        run = _insert_run(
+            session, company_id, workflow.id, workflow.current_version, definition, run_input, trigger_type
+        )
+        return run, definition["steps"][0]["id"]
+
+    return _create_run(services, company_id, workflow_id, idempotency_key, fingerprint, build)
+
+
+def _create_run(
+    services: Services,
+    company_id: str,
+    workflow_id: str,
+    idempotency_key: str | None,
+    fingerprint: str,
+    build: Any,
+) -> tuple[Run, bool]:
+    """Shared by trigger, retry and restart: idempotency, one commit, then enqueue the first step."""
+    with services.db.session() as session:
         if idempotency_key:
             existing = _idempotent_run(session, company_id, workflow_id, idempotency_key, fingerprint)
             if existing is not None:
                 return existing, False
-        definition = definition_for(session, workflow.id, workflow.current_version)
-        now = utcnow()
-        run = Run(
-            id=new_id("run"),
-            company_id=company_id,
-            workflow_id=workflow.id,
-            workflow_version=workflow.current_version,
-            status="pending",
-            trigger_type=trigger_type,
-            input=run_input,
-            created_at=now,
-            deadline_at=now + timedelta(milliseconds=definition["timeoutMs"])
-            if definition.get("timeoutMs")
-            else None,
-            idempotency_key=idempotency_key,
-            idempotency_hash=fingerprint,
-        )
-        session.add(run)
-        session.flush()
-        first = definition["steps"][0]["id"]
-        session.execute(
-            insert(StepRun),
-            [
-                {
-                    "run_id": run.id,
-                    "step_id": step["id"],
-                    "position": index,
-                    "status": "queued" if index == 0 else "pending",
-                    "attempt": 1 if index == 0 else 0,
-                    "queued_at": now if index == 0 else None,
-                    "reused": False,
-                }
-                for index, step in enumerate(definition["steps"])
-            ],
-        )
+        run, first_step = build(session)
+        if idempotency_key:
+            run.idempotency_key, run.idempotency_hash = idempotency_key, fingerprint
         try:
             session.commit()
         except IntegrityError:
@@ -156,8 +146,68 @@ def trigger_run(
             if existing is None:
                 raise
             return existing, False
-    services.queue.enqueue(run.id, first, 1)
+    services.queue.enqueue(run.id, first_step, 1)
     return run, True
+
+
+def _insert_run(
+    session: Session,
+    company_id: str,
+    workflow_id: str,
+    version: int,
+    definition: dict[str, Any],
+    run_input: Any,
+    trigger_type: str,
+    *,
+    start: int = 0,
+    reused: dict[str, StepRun] | None = None,
+    restarted_from: str | None = None,
+) -> Run:
+    """A pending run whose steps before ``start`` are copies of ``reused`` and the rest still to run."""
+    now = utcnow()
+    timeout = definition.get("timeoutMs")
+    run = Run(
+        id=new_id("run"),
+        company_id=company_id,
+        workflow_id=workflow_id,
+        workflow_version=version,
+        status="pending",
+        trigger_type=trigger_type,
+        input=run_input,
+        created_at=now,
+        deadline_at=now + timedelta(milliseconds=timeout) if timeout else None,
+        restarted_from_run_id=restarted_from,
+        restart_from_step_id=definition["steps"][start]["id"] if restarted_from else None,
+    )
+    session.add(run)
+    session.flush()
+    rows = []
+    for index, step in enumerate(definition["steps"]):
+        row: dict[str, Any] = {
+            "run_id": run.id,
+            "step_id": step["id"],
+            "position": index,
+            "status": "queued" if index == start else "pending",
+            "attempt": 1 if index == start else 0,
+            "queued_at": now if index == start else None,
+            "reused": False,
+        }
+        if index < start and reused is not None:
+            old = reused[step["id"]]
+            row.update(
+                status=old.status,
+                attempt=old.attempt,
+                input=old.input,
+                output=old.output,
+                error=old.error,
+                started_at=old.started_at,
+                completed_at=old.completed_at,
+                duration_ms=old.duration_ms,
+                reused=True,
+            )
+        rows.append(row)
+    session.execute(insert(StepRun), rows)
+    return run
 
 
 def _idempotent_run(

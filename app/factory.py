@@ -7,6 +7,7 @@ from typing import Any
 
 from flask import Flask, jsonify
 from flask_smorest import Api
+from sqlalchemy.exc import DataError
 from werkzeug.exceptions import HTTPException
 
 from api.schemas.common import ErrorEnvelopeSchema, Timestamp
@@ -58,7 +59,11 @@ class BatonApi(Api):
             body["details"] = details
         if status >= 500:
             body = {"code": "INTERNAL_ERROR", "message": "Internal server error"}
-        return jsonify({"success": False, "error": body}), status, data.get("headers", {})
+        headers = dict(data.get("headers") or {})
+        if status == 405:
+            # Keep Werkzeug's Allow header (RFC 9110 requires it on a 405).
+            headers.update({k: v for k, v in error.get_headers() if k.lower() == "allow"})
+        return jsonify({"success": False, "error": body}), status, headers
 
 
 def _handle_baton_error(error: BatonError) -> Any:
@@ -68,6 +73,17 @@ def _handle_baton_error(error: BatonError) -> Any:
 def _handle_unexpected(error: Exception) -> Any:
     if isinstance(error, HTTPException):
         raise error
+    if isinstance(error, DataError):
+        # Values PostgreSQL cannot store (a NUL character, an out-of-range number) are bad input.
+        return jsonify(
+            {
+                "success": False,
+                "error": {
+                    "code": "VALIDATION_ERROR",
+                    "message": "Request contains a value that cannot be stored (for example a NUL character)",
+                },
+            }
+        ), 400
     logger.exception("unhandled error")
     return jsonify(
         {"success": False, "error": {"code": "INTERNAL_ERROR", "message": "Internal server error"}}

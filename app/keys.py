@@ -51,7 +51,7 @@ def create_key(session: Session, company: Company, name: str = "default") -> str
 
 def authenticate(session: Session, key: str | None) -> str | None:
     """The company id for a valid, unrevoked key; None otherwise (constant-time comparison)."""
-    if not key or not key.startswith(KEY_PREFIX) or len(key) > 200:
+    if not key or not key.startswith(KEY_PREFIX) or len(key) > 200 or not key.isprintable():
         return None
     prefix = key[len(KEY_PREFIX) :].split("_", 1)[0]
     row = session.execute(select(ApiKey).where(ApiKey.prefix == prefix)).scalar_one_or_none()

@@ -77,7 +77,7 @@ def render(value: Any, context: dict[str, Any], path: str = "") -> Any:
     """Render every string in a JSON value; a whole ``{{ expr }}`` keeps its native type."""
     try:
         if isinstance(value, str):
-            return _to_json(_render_string(value, context))
+            return to_json(_render_string(value, context))
         if isinstance(value, dict):
             return {
                 key: render(item, context, f"{path}.{key}" if path else key) for key, item in value.items()
@@ -110,14 +110,14 @@ def truthy(value: Any, context: dict[str, Any]) -> bool:
     return bool(result)
 
 
-def _to_json(value: Any) -> Any:
-    """Native template results become plain JSON values (tuples to lists, Markup to str)."""
+def to_json(value: Any) -> Any:
+    """Plain, storable JSON: tuples to lists, Markup to str, NUL (which PostgreSQL refuses) to U+FFFD."""
     if value is None or isinstance(value, (bool, int, float)):
         return value
     if isinstance(value, str):
-        return str(value)
+        return str(value).replace("\x00", "\ufffd")
     if isinstance(value, dict):
-        return {str(k): _to_json(v) for k, v in value.items()}
+        return {to_json(str(k)): to_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_to_json(v) for v in value]
+        return [to_json(v) for v in value]
     return str(value)

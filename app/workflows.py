@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from sqlalchemy import select
@@ -12,11 +11,9 @@ from sqlalchemy.orm import Session
 from app.definition import validate_definition
 from app.engine import get_workflow
 from app.errors import Conflict, ValidationError
-from app.ids import new_short_id
+from app.ids import WORKFLOW_ID, new_short_id
 from app.timeutil import utcnow
 from models import Workflow, WorkflowVersion
-
-WORKFLOW_ID = re.compile(r"^wf_[a-z0-9][a-z0-9_-]{0,63}$")
 
 
 def view(workflow: Workflow, definition: dict[str, Any]) -> dict[str, Any]:

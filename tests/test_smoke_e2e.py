@@ -37,3 +37,14 @@ def test_two_step_workflow_completes(worker, client, headers, target, make_workf
     assert first["stepId"] == "create-contact" and first["attempt"] == 1 and first["status"] == "success"
     assert first["input"]["json"] == {"email": "a@example.com", "amount": 9900}
     assert second["input"] == {"contactId": "contact-42", "text": "Paid 9900"}
+
+
+def test_step_output_with_nul_is_stored_not_lost(worker, target, make_workflow, trigger, wait_run):
+    """PostgreSQL refuses NUL in text and JSONB; a target that sends one must not wedge the run."""
+    target.reply(200, {"text": "a\u0000b", "k\u0000": 1})
+    workflow_id = make_workflow(
+        [{"id": "fetch", "action": "http.request", "input": {"url": f"{target.url}/x"}}]
+    )
+    done = wait_run(trigger(workflow_id)["id"])
+    assert done["status"] == "completed", done
+    assert done["stepResults"][0]["output"]["body"] == {"text": "a\ufffdb", "k\ufffd": 1}

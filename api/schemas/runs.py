@@ -7,6 +7,7 @@ from typing import Any
 from marshmallow import Schema, fields, validate
 
 from api.schemas.common import AnyJSON, Timestamp, envelope
+from app.ids import WORKFLOW_ID
 from models import RUN_STATUSES
 
 
@@ -74,7 +75,7 @@ class CancelResultSchema(Schema):
 
 
 class ListRunsQuerySchema(Schema):
-    workflowId = fields.String(validate=validate.Length(1, 100))
+    workflowId = fields.String(validate=validate.Regexp(WORKFLOW_ID, error="Not a workflow id"))
     status = fields.String(validate=validate.OneOf(RUN_STATUSES))
     limit = fields.Integer(load_default=50, validate=validate.Range(1, 100), strict=False)
     cursor = fields.String(validate=validate.Length(1, 500))
