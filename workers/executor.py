@@ -109,7 +109,7 @@ def execute(claim: Claim) -> StepOutcome:
         )
     try:
         output = run_action(claim, step_input)
-        output = templating._to_json(output)
+        output = templating.to_json(output)
     except actions.StepError as exc:
         return StepOutcome(
             "error",
