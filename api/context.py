@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import current_app, g, request
+from marshmallow import Schema
+from marshmallow import ValidationError as MarshmallowError
 
 from app import keys
+from app.definition import flatten
 from app.engine import Services
-from app.errors import Unauthorized
+from app.errors import Unauthorized, ValidationError
 
 
 def services() -> Services:
@@ -26,3 +31,36 @@ def authenticate() -> None:
 
 def company_id() -> str:
     return g.company_id
+
+
+def json_body(*, required: bool = True) -> Any:
+    """The request's JSON body; a clear 400 when it is missing or not JSON ({} when optional and empty)."""
+    if not required and not request.get_data(cache=True):
+        return {}
+    body = request.get_json(silent=True)
+    if body is None:
+        raise ValidationError("Request body must be JSON (Content-Type: application/json)")
+    return body
+
+
+def load_body(schema: Schema, *, required: bool = True) -> dict[str, Any]:
+    """Validate a JSON object body with ``schema``; errors name each field in ``details``."""
+    raw = json_body(required=required)
+    if not isinstance(raw, dict):
+        raise ValidationError("Request body must be a JSON object")
+    try:
+        return schema.load(raw)
+    except MarshmallowError as exc:
+        details = flatten(exc.messages)
+        first, problems = next(iter(details.items()))
+        raise ValidationError(f"Invalid {first}: {problems[0]}", details=details) from exc
+
+
+def idempotency_key() -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not (1 <= len(key) <= 255 and key.isprintable()):
+        raise ValidationError(
+            "Idempotency-Key must be 1 to 255 printable characters",
+            details={"Idempotency-Key": ["Length must be between 1 and 255."]},
+        )
+    return key

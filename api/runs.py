@@ -14,6 +14,9 @@ from api.schemas.common import ok
 from api.schemas.runs import (
     CancelEnvelope,
     ListRunsQuerySchema,
+    RestartBodySchema,
+    RestartEnvelope,
+    RetryBodySchema,
     RunEnvelope,
     RunListEnvelope,
     RunLogsEnvelope,
@@ -59,6 +62,7 @@ def run_detail(run: Run, rows: list[Any]) -> dict[str, Any]:
         "created_at": run.created_at,
         "workflow_version": run.workflow_version,
         "restarted_from_run_id": run.restarted_from_run_id,
+        "restart_from_step_id": run.restart_from_step_id,
     }
 
 
@@ -117,10 +121,66 @@ class RunLogs(MethodView):
         )
 
 
+_IDEMPOTENCY_DOC = {
+    "parameters": [
+        {
+            "in": "header",
+            "name": "Idempotency-Key",
+            "schema": {"type": "string"},
+            "description": "A repeat with the same key (24 h) returns the first answer, acting once",
+        }
+    ]
+}
+
+
 @blp.route("/<string:run_id>/cancel")
 class RunCancel(MethodView):
+    @blp.doc(**_IDEMPOTENCY_DOC)
     @blp.response(200, CancelEnvelope)
     def post(self, run_id: str) -> dict[str, Any]:
         """Cancel a pending or running run; no further step starts."""
-        run = engine.cancel_run(context.services(), context.company_id(), _run_id(run_id))
+        services = context.services()
+        key = context.idempotency_key()
+        remembered = f"{services.namespace}:idem:cancel:{context.company_id()}:{key}" if key else None
+        if remembered and services.redis.get(remembered) == run_id.encode():
+            return ok({"id": run_id, "status": "cancelled", "message": "Run cancellation requested"})
+        run = engine.cancel_run(services, context.company_id(), _run_id(run_id))
+        if remembered:
+            services.redis.set(remembered, run.id, ex=int(engine.IDEMPOTENCY_TTL.total_seconds()))
         return ok({"id": run.id, "status": run.status, "message": "Run cancellation requested"})
+
+
+def _restart(run_id: str, mode: str, args: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, str]]:
+    result, created = engine.restart_run(
+        context.services(),
+        context.company_id(),
+        _run_id(run_id),
+        mode=mode,
+        from_step_id=args.get("fromStepId"),
+        override_input=args.get("overrideInput"),
+        version_choice=args["workflowVersion"],
+        idempotency_key=context.idempotency_key(),
+        dry_run=args.get("dryRun", False),
+    )
+    if args.get("dryRun"):
+        return ok(result), 200, {}
+    return ok(result), 202, {} if created else {"Idempotent-Replayed": "true"}
+
+
+@blp.route("/<string:run_id>/retry")
+class RunRetry(MethodView):
+    @blp.doc(requestBody={"content": {"application/json": {"schema": RetryBodySchema}}}, **_IDEMPOTENCY_DOC)
+    @blp.response(202, RestartEnvelope)
+    def post(self, run_id: str) -> tuple[dict[str, Any], int, dict[str, str]]:
+        """Retry a failed run from its first failed step, in a new run; the original input is kept."""
+        return _restart(run_id, "retry", context.load_body(RetryBodySchema(), required=False))
+
+
+@blp.route("/<string:run_id>/restart")
+class RunRestart(MethodView):
+    @blp.doc(requestBody={"content": {"application/json": {"schema": RestartBodySchema}}}, **_IDEMPOTENCY_DOC)
+    @blp.response(202, RestartEnvelope)
+    def post(self, run_id: str) -> tuple[dict[str, Any], int, dict[str, str]]:
+        """Restart a finished run from any step, reusing earlier outputs, optionally with input overrides."""
+        _run_id(run_id)
+        return _restart(run_id, "restart", context.load_body(RestartBodySchema()))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import request
 from flask.views import MethodView
 from flask_smorest import Blueprint
 from sqlalchemy import select
@@ -23,22 +22,12 @@ from api.schemas.workflows import (
     WorkflowListEnvelope,
 )
 from app import engine, workflows
-from app.definition import flatten
-from app.errors import ValidationError
 from models import Workflow
 
 blp = Blueprint(
     "workflows", __name__, url_prefix="/api/v1/workflows", description="Define workflows and trigger runs"
 )
 blp.before_request(context.authenticate)
-
-
-def json_body() -> Any:
-    """The request's JSON body; a clear 400 when it is missing or not JSON."""
-    body = request.get_json(silent=True)
-    if body is None:
-        raise ValidationError("Request body must be JSON (Content-Type: application/json)")
-    return body
 
 
 def _definition_doc() -> dict[str, Any]:
@@ -54,7 +43,7 @@ class WorkflowList(MethodView):
     def post(self) -> tuple[dict[str, Any], int]:
         """Create a workflow (version 1)."""
         with context.services().db.session() as session:
-            workflow, definition = workflows.create(session, context.company_id(), json_body())
+            workflow, definition = workflows.create(session, context.company_id(), context.json_body())
         return ok(workflows.view(workflow, definition)), 201
 
     @blp.arguments(ListWorkflowsQuerySchema, location="query", error_status_code=400)
@@ -89,7 +78,9 @@ class WorkflowItem(MethodView):
     def put(self, workflow_id: str) -> dict[str, Any]:
         """Replace the definition: a new immutable version; running runs keep theirs."""
         with context.services().db.session() as session:
-            workflow, definition = workflows.replace(session, context.company_id(), workflow_id, json_body())
+            workflow, definition = workflows.replace(
+                session, context.company_id(), workflow_id, context.json_body()
+            )
         return ok(workflows.view(workflow, definition))
 
     @blp.response(200, DeletedEnvelope)
@@ -116,21 +107,8 @@ class WorkflowRuns(MethodView):
     @blp.response(202, RunEnvelope)
     def post(self, workflow_id: str) -> tuple[dict[str, Any], int, dict[str, str]]:
         """Trigger a run (trigger type ``api``); 202 with the run, 200 for an idempotent repeat."""
-        raw = request.get_json(silent=True) if request.content_length else {}
-        if raw is None or not isinstance(raw, dict):
-            raise ValidationError("Request body must be a JSON object")
-        errors = TriggerSchema().validate(raw)
-        if errors:
-            details = flatten(errors)
-            first, problems = next(iter(details.items()))
-            raise ValidationError(f"Invalid {first}: {problems[0]}", details=details)
-        args = TriggerSchema().load(raw)
-        key = request.headers.get("Idempotency-Key")
-        if key is not None and not 1 <= len(key) <= 255:
-            raise ValidationError(
-                "Idempotency-Key must be 1 to 255 characters",
-                details={"Idempotency-Key": ["Length must be between 1 and 255."]},
-            )
+        args = context.load_body(TriggerSchema(), required=False)
+        key = context.idempotency_key()
         services = context.services()
         run, created = engine.trigger_run(
             services,

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from app import templating
 from app.db import Database
-from app.errors import Conflict, InvalidState, NotFound
+from app.errors import Conflict, InvalidState, InvalidStep, NotFound
 from app.errors import ValidationError as BatonValidationError
 from app.ids import WORKFLOW_ID, new_id
 from app.queue import StepQueue
@@ -279,6 +279,121 @@ def cancel_run(services: Services, company_id: str, run_id: str) -> Run:
         session.commit()
     services.redis.set(services.cancel_key(run.id), "1", ex=CANCEL_FLAG_TTL_S)
     return run
+
+
+# --------------------------------------------------------------------------- retry and restart
+
+RETRIABLE = ("failed", "timeout")
+RESTARTABLE = ("completed", "failed", "timeout")
+
+
+def deep_merge(base: Any, override: Any) -> Any:
+    """``override`` merged into ``base``: objects merge key by key, anything else replaces."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            merged[key] = deep_merge(base.get(key), value) if key in base else value
+        return merged
+    return override
+
+
+def restart_run(
+    services: Services,
+    company_id: str,
+    run_id: str,
+    *,
+    mode: str,
+    from_step_id: str | None = None,
+    override_input: dict[str, Any] | None = None,
+    version_choice: str = "original",
+    idempotency_key: str | None = None,
+    dry_run: bool = False,
+) -> tuple[dict[str, Any], bool]:
+    """Retry (``mode="retry"``, from the first failed step) or restart (from ``from_step_id``) a run.
+
+    A new run linked by ``restarted_from_run_id``; steps before the restart point are copied
+    unchanged (never re-executed). Returns the spec's 202 body (or the plan for ``dry_run``)
+    and whether a run was created.
+    """
+    with services.db.session() as session:
+        original = get_run(session, company_id, run_id)
+        allowed = RETRIABLE if mode == "retry" else RESTARTABLE
+        if original.status not in allowed:
+            raise InvalidState(
+                "Can only retry failed runs"
+                if mode == "retry"
+                else "Can only restart completed or failed runs"
+            )
+        old_rows = {r.step_id: r for r in step_runs(session, original.id)}
+        if version_choice == "latest":
+            version = get_workflow(session, company_id, original.workflow_id).current_version
+        else:
+            version = original.workflow_version
+        definition = definition_for(session, original.workflow_id, version)
+        ids = [step["id"] for step in definition["steps"]]
+        if mode == "retry":
+            failed = [
+                r
+                for r in sorted(old_rows.values(), key=lambda r: r.position)
+                if r.status not in ("success", "skipped")
+            ]
+            from_step_id = failed[0].step_id if failed else ids[0]
+        if from_step_id not in ids:
+            raise InvalidStep(f"Step not found: {from_step_id}")
+        start = ids.index(from_step_id)
+        for step_id in ids[:start]:
+            row = old_rows.get(step_id)
+            if row is None or row.status not in ("success", "skipped"):
+                raise InvalidStep(
+                    f"Step {step_id} has no result to reuse; restart from it or an earlier step"
+                )
+        new_input = deep_merge(original.input, override_input or {})
+        base = {
+            "originalRunId": original.id,
+            "workflowId": original.workflow_id,
+            "restartFromStepId": from_step_id,
+        }
+        if dry_run:
+            return {
+                **base,
+                "dryRun": True,
+                "workflowVersion": version,
+                "input": new_input,
+                "reusedSteps": [
+                    {"stepId": i, "status": old_rows[i].status, "output": old_rows[i].output}
+                    for i in ids[:start]
+                ],
+                "stepsToRun": ids[start:],
+            }, False
+        workflow_id, trigger_type = original.workflow_id, original.trigger_type
+    fingerprint = request_hash(
+        {"op": mode, "run": run_id, "from": from_step_id, "input": override_input, "version": version_choice}
+    )
+
+    def build(session: Session) -> tuple[Run, str]:
+        run = _insert_run(
+            session,
+            company_id,
+            workflow_id,
+            version,
+            definition,
+            new_input,
+            trigger_type,
+            start=start,
+            reused=old_rows,
+            restarted_from=run_id,
+        )
+        return run, from_step_id
+
+    run, created = _create_run(services, company_id, workflow_id, idempotency_key, fingerprint, build)
+    return {
+        **base,
+        "newRunId": run.id,
+        "restartFromStepId": run.restart_from_step_id or from_step_id,
+        "status": "pending" if created else run.status,
+        "createdAt": run.created_at,
+        "workflowVersion": run.workflow_version,
+    }, created
 
 
 # --------------------------------------------------------------------------- execution

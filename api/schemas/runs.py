@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from marshmallow import Schema, fields, validate
+from marshmallow import RAISE, Schema, fields, validate
 
 from api.schemas.common import AnyJSON, Timestamp, envelope
 from app.ids import WORKFLOW_ID
@@ -38,6 +38,7 @@ class StepResultSchema(Schema):
     output = AnyJSON()
     error = fields.Nested(RunErrorSchema, allow_none=True)
     attempt = fields.Integer()
+    reused = fields.Boolean(metadata={"description": "Present (true) on steps copied from the original run"})
 
 
 class RunDetailSchema(Schema):
@@ -55,6 +56,7 @@ class RunDetailSchema(Schema):
     createdAt = Timestamp(attribute="created_at")
     workflowVersion = fields.Integer(attribute="workflow_version")
     restartedFromRunId = fields.String(attribute="restarted_from_run_id", allow_none=True)
+    restartFromStepId = fields.String(attribute="restart_from_step_id", allow_none=True)
 
 
 class RunLogsSchema(Schema):
@@ -81,10 +83,44 @@ class ListRunsQuerySchema(Schema):
     cursor = fields.String(validate=validate.Length(1, 500))
 
 
+class RetryBodySchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    workflowVersion = fields.String(load_default="original", validate=validate.OneOf(["original", "latest"]))
+
+
+class RestartBodySchema(RetryBodySchema):
+    fromStepId = fields.String(required=True, validate=validate.Length(1, 64))
+    overrideInput = fields.Dict(keys=fields.String(), load_default=dict)
+    dryRun = fields.Boolean(load_default=False)
+
+
+class ReusedStepSchema(Schema):
+    stepId = fields.String()
+    status = fields.String()
+    output = AnyJSON()
+
+
+class RestartResultSchema(Schema):
+    originalRunId = fields.String()
+    newRunId = fields.String()
+    workflowId = fields.String()
+    restartFromStepId = fields.String()
+    status = fields.String()
+    createdAt = Timestamp()
+    workflowVersion = fields.Integer()
+    dryRun = fields.Boolean(metadata={"description": "Only on a dry run: the plan, nothing created"})
+    input = AnyJSON()
+    reusedSteps = fields.List(fields.Nested(ReusedStepSchema))
+    stepsToRun = fields.List(fields.String())
+
+
 RunListEnvelope = envelope("RunListEnvelope", RunSummarySchema, many=True, meta=True)
 RunEnvelope = envelope("RunEnvelope", RunDetailSchema)
 RunLogsEnvelope = envelope("RunLogsEnvelope", RunLogsSchema)
 CancelEnvelope = envelope("CancelEnvelope", CancelResultSchema)
+RestartEnvelope = envelope("RestartEnvelope", RestartResultSchema)
 
 
 def step_view(row: Any) -> dict[str, Any]:
@@ -92,7 +128,7 @@ def step_view(row: Any) -> dict[str, Any]:
     attempt = row.attempt
     if getattr(row, "status", None) == "queued" and attempt > 1:
         attempt -= 1  # waiting for a retry: the last attempt made is the previous one
-    return {
+    view = {
         "step_id": row.step_id,
         "status": row.status,
         "started_at": row.started_at,
@@ -103,3 +139,6 @@ def step_view(row: Any) -> dict[str, Any]:
         "error": row.error,
         "attempt": attempt,
     }
+    if getattr(row, "reused", False):
+        view["reused"] = True  # only on copied steps, so ordinary results keep the spec's exact shape
+    return view
