@@ -16,6 +16,7 @@ from api.schemas.runs import (
     ListRunsQuerySchema,
     RestartBodySchema,
     RestartEnvelope,
+    ResumeBodySchema,
     RetryBodySchema,
     RunEnvelope,
     RunListEnvelope,
@@ -184,3 +185,18 @@ class RunRestart(MethodView):
         """Restart a finished run from any step, reusing earlier outputs, optionally with input overrides."""
         _run_id(run_id)
         return _restart(run_id, "restart", context.load_body(RestartBodySchema()))
+
+
+@blp.route("/<string:run_id>/resume")
+class RunResume(MethodView):
+    @blp.doc(requestBody={"content": {"application/json": {"schema": ResumeBodySchema}}})
+    @blp.response(200, CancelEnvelope)
+    def post(self, run_id: str) -> dict[str, Any]:
+        """Answer a suspended run's approval: approve to continue (data becomes the step output)."""
+        _run_id(run_id)
+        args = context.load_body(ResumeBodySchema())
+        run = engine.resume_run(
+            context.services(), context.company_id(), run_id, args["approved"], args["data"]
+        )
+        message = "Run resumed" if args["approved"] else "Run rejected"
+        return ok({"id": run.id, "status": run.status, "message": message})

@@ -163,6 +163,18 @@ def _upgrade(config: Config) -> None:
         db.dispose()
 
 
+def scheduler_command() -> list[str]:
+    return [sys.executable, "-c", "from workers.scheduler import main; main()"]
+
+
+@cli.command("scheduler", with_appcontext=False)
+def scheduler_cmd() -> None:
+    """Run the scheduler: recovery sweeps and run timeouts (one active instance, others stand by)."""
+    config = _config()
+    _prepare_embedded(config)
+    _exec(scheduler_command(), _child_env(config))
+
+
 @cli.group("db")
 def db_group() -> None:
     """Database schema."""

@@ -403,7 +403,7 @@ def restart_run(
 class StepOutcome:
     """What executing one attempt produced."""
 
-    status: str  # success | error | skipped
+    status: str  # success | error | skipped | waiting
     input: Any = None
     output: Any = None
     error: dict[str, str] | None = None
@@ -411,6 +411,9 @@ class StepOutcome:
     retry_after_ms: int | None = None
     started_at: Any = None
     completed_at: Any = None
+    # waiting only: when a delay is due (None: until resumed, e.g. an approval without timeout)
+    wait_until: Any = None
+    suspend: bool = False
 
 
 @dataclass
@@ -426,6 +429,9 @@ class Claim:
     attempt: int
     started_at: Any
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Set when the step was waiting (a delay) and is now due: it completes without running again.
+    resumed_input: Any = None
+    waited_since: Any = None
 
     @property
     def step(self) -> dict[str, Any]:
@@ -461,27 +467,34 @@ def _lease(definition: dict[str, Any], position: int, now: Any) -> Any:
 
 
 def claim_step(services: Services, run_id: str, step_id: str, attempt: int) -> Claim | None:
-    """Take a queued step for execution; None when the message is stale or the run is not active."""
+    """Take a queued (or due, waiting) step; None when the message is stale or the run is not active."""
     with services.db.session() as session:
         run = _lock_run(session, run_id)
         if run is None or run.status not in ("pending", "running"):
             return None
+        now = utcnow()
+        if run.deadline_at is not None and run.deadline_at <= now:
+            _time_out(session, run, now)
+            session.commit()
+            return None
         definition = definition_for(session, run.workflow_id, run.workflow_version)
         rows = step_runs(session, run_id)
         target = next((r for r in rows if r.step_id == step_id), None)
-        if target is None or target.status != "queued" or target.attempt != attempt:
+        if target is None or target.attempt != attempt:
             return None
-        now = utcnow()
+        waiting = target.status == "waiting" and target.queued_at is not None and target.queued_at <= now
+        if target.status != "queued" and not waiting:
+            return None
+        values: dict[str, Any] = {
+            "status": "running",
+            "lease_expires_at": _lease(definition, target.position, now),
+        }
+        if not waiting:
+            values.update(started_at=now, completed_at=None, duration_ms=None)
         claimed = session.execute(
             update(StepRun)
-            .where(StepRun.id == target.id, StepRun.status == "queued", StepRun.attempt == attempt)
-            .values(
-                status="running",
-                started_at=now,
-                completed_at=None,
-                duration_ms=None,
-                lease_expires_at=_lease(definition, target.position, now),
-            )
+            .where(StepRun.id == target.id, StepRun.status == target.status, StepRun.attempt == attempt)
+            .values(**values)
         )
         if claimed.rowcount != 1:
             session.rollback()
@@ -498,10 +511,12 @@ def claim_step(services: Services, run_id: str, step_id: str, attempt: int) -> C
             definition=definition,
             position=target.position,
             attempt=attempt,
-            started_at=now,
+            started_at=target.started_at if waiting else now,
             results={
                 r.step_id: {"output": r.output, "status": r.status} for r in rows if r.status in FINISHED_STEP
             },
+            resumed_input=target.input if waiting else None,
+            waited_since=target.started_at if waiting else None,
         )
 
 
@@ -549,6 +564,8 @@ def record_result(services: Services, claim: Claim, outcome: StepOutcome) -> Nex
         run = _lock_run(session, claim.run_id)
         if run is None:
             return Next()
+        if outcome.status == "waiting":
+            return _record_wait(session, services, run, claim, outcome, started, now)
         finished = session.execute(
             update(StepRun)
             .where(
@@ -676,3 +693,258 @@ def _complete(run: Run, claim: Claim, now: Any) -> None:
         _finish_run(run, "failed", now, error={"code": "OUTPUT_ERROR", "message": str(exc)})
         return
     _finish_run(run, "completed", now, output=output)
+
+
+def _record_wait(
+    session: Session, services: Services, run: Run, claim: Claim, outcome: StepOutcome, started: Any, now: Any
+) -> Next:
+    """A delay or approval: the step waits in the database, holding no worker thread."""
+    parked = session.execute(
+        update(StepRun)
+        .where(
+            StepRun.run_id == claim.run_id,
+            StepRun.step_id == claim.step_id,
+            StepRun.status == "running",
+            StepRun.attempt == claim.attempt,
+        )
+        .values(
+            status="waiting",
+            input=outcome.input,
+            started_at=started,
+            queued_at=outcome.wait_until,
+            lease_expires_at=None,
+        )
+    )
+    if parked.rowcount != 1 or run.status != "running":
+        session.rollback()
+        return Next()
+    if outcome.suspend:
+        run.status = "suspended"
+    session.commit()
+    if outcome.wait_until is not None and not outcome.suspend:
+        delay = max(0, int((outcome.wait_until - now).total_seconds() * 1000))
+        services.queue.enqueue(claim.run_id, claim.step_id, claim.attempt, delay)
+    return Next()
+
+
+def _time_out(session: Session, run: Run, now: Any) -> None:
+    run.status = "timeout"
+    run.completed_at = now
+    run.duration_ms = duration_ms(run.started_at, now)
+    run.error = {"code": "RUN_TIMEOUT", "message": "Run exceeded its timeoutMs"}
+    session.execute(
+        update(StepRun)
+        .where(StepRun.run_id == run.id, StepRun.status.in_(("pending", "queued", "waiting")))
+        .values(status="skipped", completed_at=now)
+    )
+
+
+def resume_run(services: Services, company_id: str, run_id: str, approved: bool, data: Any) -> Run:
+    """Answer a suspended run's approval: continue with ``data`` as the step output, or fail it."""
+    with services.db.session() as session:
+        run = _lock_run(session, run_id)
+        if run is None or run.company_id != company_id:
+            raise NotFound("Run not found")
+        if run.status != "suspended":
+            raise InvalidState("Can only resume suspended runs")
+        row = (
+            session.execute(
+                select(StepRun)
+                .where(StepRun.run_id == run.id, StepRun.status == "waiting")
+                .order_by(StepRun.position)
+            )
+            .scalars()
+            .first()
+        )
+        if row is None:
+            raise InvalidState("Can only resume suspended runs")
+        now = utcnow()
+        definition = definition_for(session, run.workflow_id, run.workflow_version)
+        status = "success" if approved else "error"
+        error = None if approved else {"code": "APPROVAL_REJECTED", "message": "Approval was rejected"}
+        output = data if approved else None
+        row.status, row.output, row.error = status, output, error
+        row.completed_at, row.duration_ms = now, duration_ms(row.started_at, now)
+        session.add(
+            StepAttempt(
+                run_id=run.id,
+                step_id=row.step_id,
+                position=row.position,
+                attempt=row.attempt,
+                status=status,
+                input=row.input,
+                output=output,
+                error=error,
+                started_at=row.started_at,
+                completed_at=now,
+                duration_ms=row.duration_ms,
+            )
+        )
+        enqueue = None
+        if not approved:
+            session.execute(
+                update(StepRun)
+                .where(StepRun.run_id == run.id, StepRun.position > row.position, StepRun.status == "pending")
+                .values(status="skipped", completed_at=now)
+            )
+            _finish_run(run, "failed", now, error=error)
+        else:
+            run.status = "running"
+            position = row.position + 1
+            if position < len(definition["steps"]):
+                next_id = definition["steps"][position]["id"]
+                session.execute(
+                    update(StepRun)
+                    .where(StepRun.run_id == run.id, StepRun.step_id == next_id, StepRun.status == "pending")
+                    .values(status="queued", attempt=1, queued_at=now)
+                )
+                enqueue = (run.id, next_id, 1)
+            else:
+                rows = step_runs(session, run.id)
+                claim = Claim(
+                    run_id=run.id,
+                    workflow_id=run.workflow_id,
+                    trigger_type=run.trigger_type,
+                    run_input=run.input,
+                    definition=definition,
+                    position=row.position,
+                    attempt=row.attempt,
+                    started_at=row.started_at,
+                    results={
+                        r.step_id: {"output": r.output, "status": r.status}
+                        for r in rows
+                        if r.status in FINISHED_STEP
+                    },
+                )
+                claim.results[row.step_id] = {"output": output, "status": "success"}
+                _complete(run, claim, now)
+        session.commit()
+    if enqueue:
+        services.queue.enqueue(*enqueue)
+    return run
+
+
+# --------------------------------------------------------------------------- recovery sweeps
+
+STUCK_QUEUED = timedelta(seconds=60)
+
+
+def sweep(services: Services, now: Any = None) -> dict[str, int]:
+    """One pass of the recovery sweeps (DESIGN §5.7); safe to run from several processes."""
+    now = now or utcnow()
+    counts = {"timedOut": 0, "approvalsExpired": 0, "requeued": 0, "leasesExpired": 0}
+    with services.db.session() as session:
+        overdue = (
+            session.execute(
+                select(Run.id)
+                .where(Run.status.in_(("pending", "running", "suspended")), Run.deadline_at <= now)
+                .limit(500)
+            )
+            .scalars()
+            .all()
+        )
+        for run_id in overdue:
+            run = _lock_run(session, run_id)
+            if run is not None and run.status in ("pending", "running", "suspended"):
+                _time_out(session, run, now)
+                counts["timedOut"] += 1
+            session.commit()
+            services.redis.set(services.cancel_key(run_id), "1", ex=CANCEL_FLAG_TTL_S)
+
+        expired = session.execute(
+            select(StepRun.run_id, StepRun.step_id)
+            .join(Run, Run.id == StepRun.run_id)
+            .where(Run.status == "suspended", StepRun.status == "waiting", StepRun.queued_at <= now)
+            .limit(500)
+        ).all()
+        for run_id, step_id in expired:
+            run = _lock_run(session, run_id)
+            row = session.execute(
+                select(StepRun).where(StepRun.run_id == run_id, StepRun.step_id == step_id)
+            ).scalar_one()
+            if run is not None and run.status == "suspended" and row.status == "waiting":
+                error = {"code": "APPROVAL_TIMEOUT", "message": "No approval before the step's timeoutMs"}
+                row.status, row.error, row.completed_at = "error", error, now
+                row.duration_ms = duration_ms(row.started_at, now)
+                _finish_run(run, "failed", now, error=error)
+                counts["approvalsExpired"] += 1
+            session.commit()
+
+        # Lost messages (enqueue failed after commit, Redis restarted): send them again.
+        stuck = session.execute(
+            select(StepRun.id, StepRun.run_id, StepRun.step_id, StepRun.attempt)
+            .join(Run, Run.id == StepRun.run_id)
+            .where(
+                Run.status.in_(("pending", "running")),
+                StepRun.status == "queued",
+                StepRun.queued_at <= now - STUCK_QUEUED,
+            )
+            .limit(500)
+        ).all()
+        for row_id, run_id, step_id, attempt in stuck:
+            session.execute(update(StepRun).where(StepRun.id == row_id).values(queued_at=now))
+            session.commit()
+            services.queue.enqueue(run_id, step_id, attempt)
+            counts["requeued"] += 1
+
+        # Workers that died mid-step: a new attempt, or WORKER_LOST when none are left.
+        lost = session.execute(
+            select(StepRun.run_id, StepRun.step_id)
+            .where(StepRun.status == "running", StepRun.lease_expires_at <= now)
+            .limit(500)
+        ).all()
+        for run_id, step_id in lost:
+            run = _lock_run(session, run_id)
+            row = session.execute(
+                select(StepRun).where(StepRun.run_id == run_id, StepRun.step_id == step_id)
+            ).scalar_one()
+            if run is None or row.status != "running" or row.lease_expires_at > now:
+                session.rollback()
+                continue
+            definition = definition_for(session, run.workflow_id, run.workflow_version)
+            error = {"code": "WORKER_LOST", "message": "The worker executing this step stopped"}
+            session.add(
+                StepAttempt(
+                    run_id=run_id,
+                    step_id=step_id,
+                    position=row.position,
+                    attempt=row.attempt,
+                    status="error",
+                    input=row.input,
+                    error=error,
+                    started_at=row.started_at,
+                    completed_at=now,
+                    duration_ms=duration_ms(row.started_at, now),
+                )
+            )
+            enqueue = None
+            if (
+                run.status == "running"
+                and row.attempt < definition["steps"][row.position]["retry"]["maxAttempts"]
+            ):
+                row.status, row.attempt, row.queued_at, row.lease_expires_at = (
+                    "queued",
+                    row.attempt + 1,
+                    now,
+                    None,
+                )
+                enqueue = (run_id, step_id, row.attempt)
+            else:
+                row.status, row.error, row.completed_at, row.lease_expires_at = "error", error, now, None
+                row.duration_ms = duration_ms(row.started_at, now)
+                if run.status == "running":
+                    session.execute(
+                        update(StepRun)
+                        .where(
+                            StepRun.run_id == run_id,
+                            StepRun.position > row.position,
+                            StepRun.status == "pending",
+                        )
+                        .values(status="skipped", completed_at=now)
+                    )
+                    _finish_run(run, "failed", now, error={"code": "STEP_ERROR", "message": error["message"]})
+            session.commit()
+            if enqueue:
+                services.queue.enqueue(*enqueue)
+            counts["leasesExpired"] += 1
+    return counts

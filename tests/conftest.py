@@ -82,6 +82,19 @@ def worker(services: Services) -> Iterator[dramatiq.Worker]:
 
 
 @pytest.fixture(scope="session")
+def scheduler(services: Services) -> Iterator[Any]:
+    """The scheduler (recovery sweeps, run timeouts) in a thread of this process."""
+    from workers.scheduler import Scheduler
+
+    instance = Scheduler(services, interval_s=0.05)
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    yield instance
+    instance.stop()
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
 def app(config: Config, services: Services) -> Any:
     flask_app = create_app(config, services)
     flask_app.testing = True

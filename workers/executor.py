@@ -7,14 +7,16 @@ import itertools
 import logging
 import threading
 import time
+from datetime import timedelta
 from typing import Any
 
 from dramatiq.threading import raise_thread_exception
 
 from app import engine, templating
 from app.engine import Claim, Services, StepOutcome
-from app.timeutil import utcnow
+from app.timeutil import duration_ms, utcnow
 from workers import actions
+from workers.actions import builtin
 
 logger = logging.getLogger("baton.worker")
 
@@ -94,8 +96,17 @@ def run_action(claim: Claim, step_input: Any) -> Any:
 def execute(claim: Claim) -> StepOutcome:
     """Render, evaluate ``if``, run the action; never raises for a step failure."""
     started = utcnow()
-    context = claim.template_context()
     step = claim.step
+    if claim.waited_since is not None:
+        # A delay that is now due: it completes without running anything.
+        return StepOutcome(
+            "success",
+            input=claim.resumed_input,
+            output={"delayedMs": duration_ms(claim.waited_since, started)},
+            started_at=claim.waited_since,
+            completed_at=started,
+        )
+    context = claim.template_context()
     try:
         if "if" in step and not templating.truthy(step["if"], context):
             return StepOutcome("skipped", started_at=started, completed_at=utcnow())
@@ -107,6 +118,8 @@ def execute(claim: Claim) -> StepOutcome:
             started_at=started,
             completed_at=utcnow(),
         )
+    if step["action"] in ("delay", "approval"):
+        return _park(claim, step_input, started)
     try:
         output = run_action(claim, step_input)
         output = templating.to_json(output)
@@ -131,6 +144,29 @@ def execute(claim: Claim) -> StepOutcome:
             completed_at=utcnow(),
         )
     return StepOutcome("success", input=step_input, output=output, started_at=started, completed_at=utcnow())
+
+
+def _park(claim: Claim, step_input: Any, started: Any) -> StepOutcome:
+    """Delays and approvals wait in the database, not in a worker thread."""
+    if claim.step["action"] == "approval":
+        timeout = step_input.get("timeoutMs") if isinstance(step_input, dict) else None
+        due = (
+            started + timedelta(milliseconds=timeout)
+            if isinstance(timeout, (int, float)) and timeout > 0
+            else None
+        )
+        return StepOutcome("waiting", input=step_input, started_at=started, wait_until=due, suspend=True)
+    try:
+        due = builtin.wait_until(step_input, started)
+    except actions.StepError as exc:
+        return StepOutcome(
+            "error", input=step_input, error=exc.to_dict(), started_at=started, completed_at=utcnow()
+        )
+    if due <= started:
+        return StepOutcome(
+            "success", input=step_input, output={"delayedMs": 0}, started_at=started, completed_at=utcnow()
+        )
+    return StepOutcome("waiting", input=step_input, started_at=started, wait_until=due)
 
 
 def execute_step(services: Services, run_id: str, step_id: str, attempt: int) -> None:

@@ -96,6 +96,14 @@ class RestartBodySchema(RetryBodySchema):
     dryRun = fields.Boolean(load_default=False)
 
 
+class ResumeBodySchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    approved = fields.Boolean(required=True)
+    data = fields.Dict(keys=fields.String(), load_default=dict)
+
+
 class ReusedStepSchema(Schema):
     stepId = fields.String()
     status = fields.String()
