@@ -179,16 +179,29 @@ def test_completed_run_cannot_be_cancelled(worker, client, headers, make_workflo
     }
 
 
-def test_step_timeout(worker, target, make_workflow, trigger, wait_run):
+def test_step_timeout_is_retried_under_the_policy(
+    worker, client, headers, target, make_workflow, trigger, wait_run
+):
     target.delay_s = 1.5
+    retry = {"maxAttempts": 2, "backoff": "fixed", "initialDelayMs": 10, "maxDelayMs": 10}
     wid = make_workflow(
-        [{"id": "slow", "action": "http.request", "input": {"url": f"{target.url}/x"}, "timeoutMs": 300}]
+        [
+            {
+                "id": "slow",
+                "action": "http.request",
+                "input": {"url": f"{target.url}/x"},
+                "timeoutMs": 300,
+                "retry": retry,
+            }
+        ]
     )
     done = wait_run(trigger(wid)["id"])
     target.delay_s = 0
     assert done["status"] == "failed"
-    assert done["stepResults"][0]["error"]["code"] in ("HTTP_TIMEOUT", "STEP_TIMEOUT")
+    assert done["stepResults"][0]["error"]["code"] == "STEP_TIMEOUT"
     assert done["stepResults"][0]["durationMs"] < 1400
+    logs = _logs(client, headers, done["id"])
+    assert [(e["attempt"], e["error"]["code"]) for e in logs] == [(1, "STEP_TIMEOUT"), (2, "STEP_TIMEOUT")]
 
 
 def test_python_action_timeout_interrupts_the_step(worker, make_workflow, trigger, wait_run):

@@ -59,7 +59,11 @@ def http_request(ctx: ActionContext, params: Any) -> dict[str, Any]:
     try:
         response = _session().request(method, params["url"], **kwargs)
     except requests.Timeout as exc:
-        raise StepError("HTTP_TIMEOUT", f"{method} {params['url']} timed out: {exc}", retriable=True) from exc
+        # The step's own timeoutMs is STEP_TIMEOUT; a shorter per-request timeoutMs is the request's.
+        code = "STEP_TIMEOUT" if timeout_s >= ctx.timeout_s else "HTTP_TIMEOUT"
+        raise StepError(
+            code, f"{method} {params['url']} timed out after {timeout_s:g} s", retriable=True
+        ) from exc
     except requests.RequestException as exc:
         raise StepError("NETWORK_ERROR", f"{method} {params['url']} failed: {exc}", retriable=True) from exc
 
