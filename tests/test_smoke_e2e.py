@@ -48,3 +48,21 @@ def test_step_output_with_nul_is_stored_not_lost(worker, target, make_workflow, 
     done = wait_run(trigger(workflow_id)["id"])
     assert done["status"] == "completed", done
     assert done["stepResults"][0]["output"]["body"] == {"text": "a\ufffdb", "k\ufffd": 1}
+
+
+def test_unexpected_error_is_an_internal_error_envelope_without_trace(config, services):
+    from app.factory import create_app
+
+    app = create_app(config, services)
+
+    @app.get("/boom")
+    def boom():
+        raise RuntimeError("secret detail in a traceback")
+
+    response = app.test_client().get("/boom")
+    assert response.status_code == 500
+    assert response.get_json() == {
+        "success": False,
+        "error": {"code": "INTERNAL_ERROR", "message": "Internal server error"},
+    }
+    assert b"Traceback" not in response.data and b"secret detail" not in response.data

@@ -17,7 +17,7 @@ LOCK_TTL_MS = 5_000
 class Scheduler:
     """Holds the leader lock while alive; the other instances stand by and take over on expiry."""
 
-    def __init__(self, services: Services, interval_s: float = 0.25) -> None:
+    def __init__(self, services: Services, interval_s: float = 0.5) -> None:
         self.services = services
         self.interval_s = interval_s
         self.token = uuid.uuid4().hex
