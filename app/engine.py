@@ -271,11 +271,7 @@ def cancel_run(services: Services, company_id: str, run_id: str) -> Run:
         run.status = "cancelled"
         run.completed_at = now
         run.duration_ms = duration_ms(run.started_at, now)
-        session.execute(
-            update(StepRun)
-            .where(StepRun.run_id == run.id, StepRun.status.in_(("pending", "queued", "waiting")))
-            .values(status="skipped", completed_at=now)
-        )
+        _skip_unreached(session, run.id, now)
         session.commit()
     services.redis.set(services.cancel_key(run.id), "1", ex=CANCEL_FLAG_TTL_S)
     return run
@@ -458,6 +454,68 @@ class Next:
     enqueue: tuple[str, str, int, int] | None = None  # (run_id, step_id, attempt, delay_ms)
 
 
+def _update_running(session: Session, claim: Claim, **values: Any) -> bool:
+    """Compare-and-set on the claimed attempt: only the owner of (step, attempt, running) may change it."""
+    result = session.execute(
+        update(StepRun)
+        .where(
+            StepRun.run_id == claim.run_id,
+            StepRun.step_id == claim.step_id,
+            StepRun.status == "running",
+            StepRun.attempt == claim.attempt,
+        )
+        .values(**values)
+    )
+    return result.rowcount == 1
+
+
+def _log_attempt(
+    session: Session,
+    source: Any,
+    status: str,
+    started: Any,
+    now: Any,
+    *,
+    step_input: Any,
+    output: Any = None,
+    error: dict | None = None,
+) -> None:
+    """One ``step_attempts`` row (the log behind ``GET /runs/:id/logs``) for a claim or a step row."""
+    session.execute(
+        insert(StepAttempt).values(
+            run_id=source.run_id,
+            step_id=source.step_id,
+            position=source.position,
+            attempt=source.attempt,
+            status=status,
+            input=step_input,
+            output=output,
+            error=error,
+            started_at=started,
+            completed_at=now,
+            duration_ms=duration_ms(started, now),
+        )
+    )
+
+
+def _skip_after(session: Session, run_id: str, position: int, now: Any) -> None:
+    """Steps after ``position`` that never started will not run."""
+    session.execute(
+        update(StepRun)
+        .where(StepRun.run_id == run_id, StepRun.position > position, StepRun.status == "pending")
+        .values(status="skipped", completed_at=now)
+    )
+
+
+def _skip_unreached(session: Session, run_id: str, now: Any) -> None:
+    """On cancel or timeout: every step not running now is skipped (a running one records its result)."""
+    session.execute(
+        update(StepRun)
+        .where(StepRun.run_id == run_id, StepRun.status.in_(("pending", "queued", "waiting")))
+        .values(status="skipped", completed_at=now)
+    )
+
+
 def _lock_run(session: Session, run_id: str) -> Run | None:
     return session.execute(select(Run).where(Run.id == run_id).with_for_update()).scalar_one_or_none()
 
@@ -523,16 +581,7 @@ def claim_step(services: Services, run_id: str, step_id: str, attempt: int) -> C
 def release_claim(services: Services, claim: Claim) -> None:
     """A claimed step that must not run after all (cancel seen before it started): skip it."""
     with services.db.session() as session:
-        session.execute(
-            update(StepRun)
-            .where(
-                StepRun.run_id == claim.run_id,
-                StepRun.step_id == claim.step_id,
-                StepRun.status == "running",
-                StepRun.attempt == claim.attempt,
-            )
-            .values(status="skipped", completed_at=utcnow(), lease_expires_at=None)
-        )
+        _update_running(session, claim, status="skipped", completed_at=utcnow(), lease_expires_at=None)
         session.commit()
 
 
@@ -566,43 +615,31 @@ def record_result(services: Services, claim: Claim, outcome: StepOutcome) -> Nex
             return Next()
         if outcome.status == "waiting":
             return _record_wait(session, services, run, claim, outcome, started, now)
-        finished = session.execute(
-            update(StepRun)
-            .where(
-                StepRun.run_id == claim.run_id,
-                StepRun.step_id == claim.step_id,
-                StepRun.status == "running",
-                StepRun.attempt == claim.attempt,
-            )
-            .values(
-                status="queued" if will_retry else outcome.status,
-                input=outcome.input,
-                output=outcome.output,
-                error=outcome.error,
-                started_at=started,
-                completed_at=None if will_retry else now,
-                duration_ms=None if will_retry else duration_ms(started, now),
-                lease_expires_at=None,
-            )
+        finished = _update_running(
+            session,
+            claim,
+            status="queued" if will_retry else outcome.status,
+            input=outcome.input,
+            output=outcome.output,
+            error=outcome.error,
+            started_at=started,
+            completed_at=None if will_retry else now,
+            duration_ms=None if will_retry else duration_ms(started, now),
+            lease_expires_at=None,
         )
-        if finished.rowcount != 1:
+        if not finished:
             # Someone else recorded this attempt (a duplicate delivery); theirs stands.
             session.rollback()
             return Next()
-        session.execute(
-            insert(StepAttempt).values(
-                run_id=claim.run_id,
-                step_id=claim.step_id,
-                position=claim.position,
-                attempt=claim.attempt,
-                status=outcome.status,
-                input=outcome.input,
-                output=outcome.output,
-                error=outcome.error,
-                started_at=started,
-                completed_at=now,
-                duration_ms=duration_ms(started, now),
-            )
+        _log_attempt(
+            session,
+            claim,
+            outcome.status,
+            started,
+            now,
+            step_input=outcome.input,
+            output=outcome.output,
+            error=outcome.error,
         )
         nxt = Next()
         if run.status != "running":
@@ -622,7 +659,7 @@ def record_result(services: Services, claim: Claim, outcome: StepOutcome) -> Nex
             )
             nxt.enqueue = (claim.run_id, claim.step_id, claim.attempt + 1, delay)
         elif outcome.status == "error":
-            _skip_rest(session, claim, now)
+            _skip_after(session, claim.run_id, claim.position, now)
             _finish_run(run, "failed", now, error={"code": "STEP_ERROR", "message": outcome.error["message"]})
         else:
             claim.results[claim.step_id] = {"output": outcome.output, "status": outcome.status}
@@ -664,14 +701,6 @@ def record_result(services: Services, claim: Claim, outcome: StepOutcome) -> Nex
     return nxt
 
 
-def _skip_rest(session: Session, claim: Claim, now: Any) -> None:
-    session.execute(
-        update(StepRun)
-        .where(StepRun.run_id == claim.run_id, StepRun.position > claim.position, StepRun.status == "pending")
-        .values(status="skipped", completed_at=now)
-    )
-
-
 def _finish_run(run: Run, status: str, now: Any, *, output: Any = None, error: dict | None = None) -> None:
     run.status = status
     run.completed_at = now
@@ -699,23 +728,16 @@ def _record_wait(
     session: Session, services: Services, run: Run, claim: Claim, outcome: StepOutcome, started: Any, now: Any
 ) -> Next:
     """A delay or approval: the step waits in the database, holding no worker thread."""
-    parked = session.execute(
-        update(StepRun)
-        .where(
-            StepRun.run_id == claim.run_id,
-            StepRun.step_id == claim.step_id,
-            StepRun.status == "running",
-            StepRun.attempt == claim.attempt,
-        )
-        .values(
-            status="waiting",
-            input=outcome.input,
-            started_at=started,
-            queued_at=outcome.wait_until,
-            lease_expires_at=None,
-        )
+    parked = _update_running(
+        session,
+        claim,
+        status="waiting",
+        input=outcome.input,
+        started_at=started,
+        queued_at=outcome.wait_until,
+        lease_expires_at=None,
     )
-    if parked.rowcount != 1 or run.status != "running":
+    if not parked or run.status != "running":
         session.rollback()
         return Next()
     if outcome.suspend:
@@ -732,11 +754,7 @@ def _time_out(session: Session, run: Run, now: Any) -> None:
     run.completed_at = now
     run.duration_ms = duration_ms(run.started_at, now)
     run.error = {"code": "RUN_TIMEOUT", "message": "Run exceeded its timeoutMs"}
-    session.execute(
-        update(StepRun)
-        .where(StepRun.run_id == run.id, StepRun.status.in_(("pending", "queued", "waiting")))
-        .values(status="skipped", completed_at=now)
-    )
+    _skip_unreached(session, run.id, now)
 
 
 def resume_run(services: Services, company_id: str, run_id: str, approved: bool, data: Any) -> Run:
@@ -765,28 +783,12 @@ def resume_run(services: Services, company_id: str, run_id: str, approved: bool,
         output = data if approved else None
         row.status, row.output, row.error = status, output, error
         row.completed_at, row.duration_ms = now, duration_ms(row.started_at, now)
-        session.add(
-            StepAttempt(
-                run_id=run.id,
-                step_id=row.step_id,
-                position=row.position,
-                attempt=row.attempt,
-                status=status,
-                input=row.input,
-                output=output,
-                error=error,
-                started_at=row.started_at,
-                completed_at=now,
-                duration_ms=row.duration_ms,
-            )
+        _log_attempt(
+            session, row, status, row.started_at, now, step_input=row.input, output=output, error=error
         )
         enqueue = None
         if not approved:
-            session.execute(
-                update(StepRun)
-                .where(StepRun.run_id == run.id, StepRun.position > row.position, StepRun.status == "pending")
-                .values(status="skipped", completed_at=now)
-            )
+            _skip_after(session, run.id, row.position, now)
             _finish_run(run, "failed", now, error=error)
         else:
             run.status = "running"
@@ -903,20 +905,7 @@ def sweep(services: Services, now: Any = None) -> dict[str, int]:
                 continue
             definition = definition_for(session, run.workflow_id, run.workflow_version)
             error = {"code": "WORKER_LOST", "message": "The worker executing this step stopped"}
-            session.add(
-                StepAttempt(
-                    run_id=run_id,
-                    step_id=step_id,
-                    position=row.position,
-                    attempt=row.attempt,
-                    status="error",
-                    input=row.input,
-                    error=error,
-                    started_at=row.started_at,
-                    completed_at=now,
-                    duration_ms=duration_ms(row.started_at, now),
-                )
-            )
+            _log_attempt(session, row, "error", row.started_at, now, step_input=row.input, error=error)
             enqueue = None
             if (
                 run.status == "running"
@@ -933,15 +922,7 @@ def sweep(services: Services, now: Any = None) -> dict[str, int]:
                 row.status, row.error, row.completed_at, row.lease_expires_at = "error", error, now, None
                 row.duration_ms = duration_ms(row.started_at, now)
                 if run.status == "running":
-                    session.execute(
-                        update(StepRun)
-                        .where(
-                            StepRun.run_id == run_id,
-                            StepRun.position > row.position,
-                            StepRun.status == "pending",
-                        )
-                        .values(status="skipped", completed_at=now)
-                    )
+                    _skip_after(session, run_id, row.position, now)
                     _finish_run(run, "failed", now, error={"code": "STEP_ERROR", "message": error["message"]})
             session.commit()
             if enqueue:
