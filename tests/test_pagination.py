@@ -19,18 +19,8 @@ from sqlalchemy import insert
 from app import keys
 from app.timeutil import utcnow
 from models import Run
+from tests.spec_shapes import LIST_ITEM_KEYS
 
-LIST_ITEM_KEYS = {
-    "id",
-    "workflowId",
-    "status",
-    "triggerType",
-    "startedAt",
-    "completedAt",
-    "durationMs",
-    "error",
-    "createdAt",
-}
 SPEC_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 BASE = datetime(2024, 1, 15, 10, 30, tzinfo=timezone.utc)
