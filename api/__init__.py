@@ -6,8 +6,9 @@ from flask_smorest import Api
 
 
 def register(api: Api) -> None:
-    from api import health, runs, workflows
+    from api import health, runs, webhooks, workflows
 
     api.register_blueprint(health.blp)
     api.register_blueprint(workflows.blp)
     api.register_blueprint(runs.blp)
+    api.register_blueprint(webhooks.blp)

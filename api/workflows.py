@@ -21,8 +21,9 @@ from api.schemas.workflows import (
     WorkflowEnvelope,
     WorkflowListEnvelope,
 )
+from api.webhooks import DeliveryListEnvelope, deliveries_query
 from app import engine, workflows
-from models import Workflow
+from models import WebhookDelivery, Workflow
 
 blp = Blueprint(
     "workflows", __name__, url_prefix="/api/v1/workflows", description="Define workflows and trigger runs"
@@ -44,7 +45,7 @@ class WorkflowList(MethodView):
         """Create a workflow (version 1)."""
         with context.services().db.session() as session:
             workflow, definition = workflows.create(session, context.company_id(), context.json_body())
-        return ok(workflows.view(workflow, definition)), 201
+        return ok(workflows.view(session, workflow, definition)), 201
 
     @blp.arguments(ListWorkflowsQuerySchema, location="query", error_status_code=400)
     @blp.response(200, WorkflowListEnvelope)
@@ -60,7 +61,7 @@ class WorkflowList(MethodView):
                 ).scalars()
             )
             rows, page_meta = meta(rows, args["limit"])
-            data = [workflows.view(w, workflows.current_definition(session, w)) for w in rows]
+            data = [workflows.view(session, w, workflows.current_definition(session, w)) for w in rows]
         return ok(data, page_meta)
 
 
@@ -71,7 +72,7 @@ class WorkflowItem(MethodView):
         """Get a workflow's current version."""
         with context.services().db.session() as session:
             workflow = engine.get_workflow(session, context.company_id(), workflow_id)
-            return ok(workflows.view(workflow, workflows.current_definition(session, workflow)))
+            return ok(workflows.view(session, workflow, workflows.current_definition(session, workflow)))
 
     @blp.doc(**_definition_doc())
     @blp.response(200, WorkflowEnvelope)
@@ -81,7 +82,7 @@ class WorkflowItem(MethodView):
             workflow, definition = workflows.replace(
                 session, context.company_id(), workflow_id, context.json_body()
             )
-        return ok(workflows.view(workflow, definition))
+        return ok(workflows.view(session, workflow, definition))
 
     @blp.response(200, DeletedEnvelope)
     def delete(self, workflow_id: str) -> dict[str, Any]:
@@ -124,3 +125,27 @@ class WorkflowRuns(MethodView):
             run = engine.get_run(session, context.company_id(), run.id)
             rows = engine.step_runs(session, run.id)
         return ok(run_detail(run, rows)), 200, {"Idempotent-Replayed": "true"}
+
+
+@blp.route("/<string:workflow_id>/deliveries")
+class WorkflowDeliveries(MethodView):
+    @blp.arguments(ListWorkflowsQuerySchema, location="query", error_status_code=400)
+    @blp.response(200, DeliveryListEnvelope)
+    def get(self, args: dict[str, Any], workflow_id: str) -> dict[str, Any]:
+        """Webhook delivery log, newest first: what a sender sent, and why it was refused."""
+        with context.services().db.session() as session:
+            engine.get_workflow(session, context.company_id(), workflow_id)
+            query = deliveries_query(context.company_id(), workflow_id)
+            rows = list(
+                session.execute(
+                    page(
+                        query,
+                        WebhookDelivery.created_at,
+                        WebhookDelivery.id,
+                        args.get("cursor"),
+                        args["limit"],
+                    )
+                ).scalars()
+            )
+        rows, page_meta = meta(rows, args["limit"])
+        return ok(rows, page_meta)

@@ -493,6 +493,32 @@ def runs_cancel(run_id: str, company: str | None) -> None:
     _print({"id": run.id, "status": run.status, "message": "Run cancellation requested"})
 
 
+@runs_group.command("trigger")
+@click.argument("workflow_id")
+@company_option
+@click.option("--input", "input_json", default=None, help="the run input as a JSON object")
+@click.option("--input-file", type=click.File("r"), default=None, help="a file holding the input JSON")
+def runs_trigger(workflow_id: str, company: str | None, input_json: str | None, input_file: Any) -> None:
+    """Start a run by hand (trigger type manual); prints the run."""
+    from app import engine
+
+    if input_json is not None and input_file is not None:
+        _fail("pass --input or --input-file, not both")
+    source = input_file.read() if input_file is not None else (input_json or "{}")
+    try:
+        run_input = json.loads(source)
+    except json.JSONDecodeError as exc:
+        _fail(f"input is not valid JSON: {exc}")
+    if not isinstance(run_input, dict):
+        _fail("input must be a JSON object")
+    services = _services()
+    with services.db.session() as session:
+        company_id = _company_id(session, company)
+    run, _created = engine.trigger_run(services, company_id, workflow_id, run_input, "manual")
+    with services.db.session() as session:
+        _print(_run_json(session, company_id, run.id))
+
+
 @runs_group.command("watch")
 @click.argument("run_id")
 @company_option

@@ -7,7 +7,7 @@ from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates, validates_schema
 
-from app import templating
+from app import schedules, templating, webhooks
 from app.errors import ValidationError as BatonValidationError
 from workers import actions
 
@@ -62,6 +62,44 @@ class StepSchema(Schema):
             raise ValidationError(f"Unknown action {value!r}; known: {', '.join(actions.names())}")
 
 
+class WebhookTriggerSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    scheme = fields.String(load_default="standard", validate=validate.OneOf(webhooks.SCHEMES))
+    secret = fields.String(validate=validate.Length(1, 500))
+    secrets = fields.List(fields.String(validate=validate.Length(1, 500)), validate=validate.Length(1, 5))
+    header = fields.String(validate=validate.Length(1, 100))
+
+    @validates_schema
+    def _secret(self, data: dict[str, Any], **_: Any) -> None:
+        if not data.get("secret") and not data.get("secrets"):
+            raise ValidationError("a webhook trigger needs a secret (or secrets, newest first)", "secret")
+
+
+class ScheduleTriggerSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    cron = fields.String(required=True, validate=validate.Length(1, 200))
+    timezone = fields.String(load_default="UTC")
+    input = fields.Dict(keys=fields.String(), load_default=dict)
+
+    @validates_schema
+    def _cron(self, data: dict[str, Any], **_: Any) -> None:
+        problem = schedules.check(data["cron"], data["timezone"])
+        if problem:
+            raise ValidationError(problem, "timezone" if "timezone" in problem else "cron")
+
+
+class TriggersSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    webhook = fields.Nested(WebhookTriggerSchema)
+    schedule = fields.Nested(ScheduleTriggerSchema)
+
+
 class DefinitionSchema(Schema):
     class Meta:
         unknown = RAISE
@@ -71,7 +109,7 @@ class DefinitionSchema(Schema):
     steps = fields.List(fields.Nested(StepSchema), required=True, validate=validate.Length(1, 200))
     output = AnyJSON()
     timeoutMs = fields.Integer(validate=validate.Range(1, 30 * 24 * 3600 * 1000), strict=True)
-    triggers = fields.Dict(keys=fields.String(), values=AnyJSON())
+    triggers = fields.Nested(TriggersSchema)
 
     @validates_schema
     def _steps(self, data: dict[str, Any], **_: Any) -> None:

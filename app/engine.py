@@ -98,14 +98,16 @@ def trigger_run(
     trigger_type: str,
     *,
     idempotency_key: str | None = None,
+    fingerprint: str | None = None,
 ) -> tuple[Run, bool]:
     """Insert a pending run and its steps in one transaction, commit, then enqueue the first step.
 
-    Returns the run and whether it was created (False: an idempotent repeat).
+    Returns the run and whether it was created (False: an idempotent repeat). ``fingerprint``
+    replaces the request hash when a repeat may differ in body yet be the same (a webhook delivery).
     """
     if not isinstance(run_input, dict):
         raise BatonValidationError("input must be a JSON object", details={"input": ["Not a valid object."]})
-    fingerprint = request_hash({"input": run_input, "triggerType": trigger_type})
+    fingerprint = fingerprint or request_hash({"input": run_input, "triggerType": trigger_type})
 
     def build(session: Session) -> tuple[Run, str]:
         workflow = get_workflow(session, company_id, workflow_id)

@@ -8,22 +8,45 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app import schedules, webhooks
 from app.definition import validate_definition
 from app.engine import get_workflow
 from app.errors import Conflict, ValidationError
 from app.ids import WORKFLOW_ID, new_short_id
 from app.timeutil import utcnow
-from models import Workflow, WorkflowVersion
+from models import Schedule, Workflow, WorkflowVersion
 
 
-def view(workflow: Workflow, definition: dict[str, Any]) -> dict[str, Any]:
-    return {
+def view(session: Session, workflow: Workflow, definition: dict[str, Any]) -> dict[str, Any]:
+    """The workflow as the API shows it: secrets masked, the schedule's next fire time."""
+    shown = {
         **definition,
         "id": workflow.id,
         "version": workflow.current_version,
         "created_at": workflow.created_at,
         "updated_at": workflow.updated_at,
     }
+    triggers = definition.get("triggers")
+    if triggers:
+        shown["triggers"] = dict(triggers)
+        if "webhook" in triggers:
+            shown["triggers"]["webhook"] = webhooks.mask(triggers["webhook"])
+        if "schedule" in triggers:
+            row = session.get(Schedule, workflow.id)
+            shown["next_run_at"] = row.next_run_at if row is not None else None
+    return shown
+
+
+def _keep_masked_secrets(definition: dict[str, Any], previous: dict[str, Any]) -> None:
+    """A definition sent back as GET showed it (secrets masked) keeps the stored secrets."""
+    new = (definition.get("triggers") or {}).get("webhook")
+    old = (previous.get("triggers") or {}).get("webhook")
+    if not new or not old:
+        return
+    masked = webhooks.mask(old)
+    for key in ("secret", "secrets"):
+        if key in new and new[key] == masked.get(key):
+            new[key] = old[key]
 
 
 def current_definition(session: Session, workflow: Workflow) -> dict[str, Any]:
@@ -58,6 +81,7 @@ def create(session: Session, company_id: str, payload: Any) -> tuple[Workflow, d
         session.rollback()
         raise Conflict(f"Workflow {workflow_id} already exists") from exc
     session.add(WorkflowVersion(workflow_id=workflow.id, version=1, definition=definition, created_at=now))
+    schedules.sync(session, workflow, definition, now)
     session.commit()
     return workflow, definition
 
@@ -74,6 +98,7 @@ def replace(
             )
     definition = validate_definition(payload)
     workflow = get_workflow(session, company_id, workflow_id, lock=True)
+    _keep_masked_secrets(definition, current_definition(session, workflow))
     now = utcnow()
     workflow.current_version += 1
     workflow.name = definition["name"]
@@ -83,6 +108,7 @@ def replace(
             workflow_id=workflow.id, version=workflow.current_version, definition=definition, created_at=now
         )
     )
+    schedules.sync(session, workflow, definition, now)
     session.commit()
     return workflow, definition
 
@@ -90,5 +116,6 @@ def replace(
 def delete(session: Session, company_id: str, workflow_id: str) -> Workflow:
     workflow = get_workflow(session, company_id, workflow_id)
     workflow.deleted_at = utcnow()
+    schedules.sync(session, workflow, None)
     session.commit()
     return workflow

@@ -11,6 +11,7 @@ from models.runs import (
     StepRun,
 )
 from models.tenancy import ApiKey, Company
+from models.triggers import Schedule, WebhookDelivery
 from models.workflows import Workflow, WorkflowVersion
 
 __all__ = [
@@ -22,8 +23,10 @@ __all__ = [
     "Base",
     "Company",
     "Run",
+    "Schedule",
     "StepAttempt",
     "StepRun",
+    "WebhookDelivery",
     "Workflow",
     "WorkflowVersion",
 ]

@@ -19,6 +19,7 @@ class WorkflowSchema(Schema):
     triggers = AnyJSON()
     createdAt = Timestamp(attribute="created_at")
     updatedAt = Timestamp(attribute="updated_at")
+    nextRunAt = Timestamp(attribute="next_run_at", metadata={"description": "Next schedule fire time (UTC)"})
 
 
 class WorkflowCreateSchema(DefinitionSchema):

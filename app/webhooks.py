@@ -1,0 +1,92 @@
+"""Webhook signature schemes: Standard Webhooks, GitHub, Stripe and a plain HMAC-SHA256 header."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from standardwebhooks import Webhook, WebhookVerificationError
+
+SCHEMES = ("standard", "github", "stripe", "hmac-sha256")
+TOLERANCE_S = 300
+
+
+class WebhookRejected(Exception):
+    """The delivery is not authentic; the message says why (recorded in the delivery log)."""
+
+
+def secrets_of(config: Mapping[str, Any]) -> list[str]:
+    """``secret`` or ``secrets`` (a list, newest first, for rotation)."""
+    found = config.get("secrets") or [config.get("secret")]
+    return [s for s in found if isinstance(s, str) and s]
+
+
+def _hmac_hex(secret: str, payload: bytes) -> str:
+    return hmac.new(secret.encode(), payload, hashlib.sha256).hexdigest()
+
+
+def verify(
+    config: Mapping[str, Any], headers: Mapping[str, str], body: bytes, payload: Any, now: float | None = None
+) -> str | None:
+    """Check the signature; return the sender's delivery id (None when the scheme has none)."""
+    scheme = config.get("scheme", "standard")
+    secrets = secrets_of(config)
+    lower = {k.lower(): v for k, v in headers.items()}
+    now = time.time() if now is None else now
+    if scheme == "standard":
+        for secret in secrets:
+            try:
+                Webhook(secret).verify(body, lower, json_parse=False)
+                return lower["webhook-id"]
+            except WebhookVerificationError as exc:
+                reason = str(exc) or "invalid signature"
+            except (ValueError, TypeError, UnicodeDecodeError, KeyError):
+                reason = "malformed signature headers"
+        raise WebhookRejected(reason if secrets else "no secret configured")
+    if scheme == "github":
+        header = lower.get("x-hub-signature-256")
+        if not header or not header.startswith("sha256="):
+            raise WebhookRejected("missing X-Hub-Signature-256")
+        if not any(hmac.compare_digest(header[7:], _hmac_hex(s, body)) for s in secrets):
+            raise WebhookRejected("signature does not match")
+        return lower.get("x-github-delivery")
+    if scheme == "stripe":
+        header = lower.get("stripe-signature")
+        if not header:
+            raise WebhookRejected("missing Stripe-Signature")
+        parts = [p.split("=", 1) for p in header.split(",") if "=" in p]
+        timestamps = [v for k, v in parts if k.strip() == "t"]
+        signatures = [v for k, v in parts if k.strip() == "v1"]
+        if not timestamps or not timestamps[0].isdigit() or not signatures:
+            raise WebhookRejected("malformed Stripe-Signature")
+        if abs(now - int(timestamps[0])) > TOLERANCE_S:
+            raise WebhookRejected("timestamp outside the tolerance")
+        signed = timestamps[0].encode() + b"." + body
+        if not any(hmac.compare_digest(sig, _hmac_hex(s, signed)) for s in secrets for sig in signatures):
+            raise WebhookRejected("signature does not match")
+        event_id = payload.get("id") if isinstance(payload, dict) else None
+        return event_id if isinstance(event_id, str) else None
+    if scheme == "hmac-sha256":
+        name = str(config.get("header") or "x-signature").lower()
+        value = lower.get(name, "")
+        value = value[7:] if value.startswith("sha256=") else value
+        if not value:
+            raise WebhookRejected(f"missing {name} header")
+        if not any(hmac.compare_digest(value, _hmac_hex(s, body)) for s in secrets):
+            raise WebhookRejected("signature does not match")
+        return lower.get("x-delivery-id") or lower.get("idempotency-key")
+    raise WebhookRejected(f"unknown scheme {scheme!r}")
+
+
+def mask(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A webhook trigger as the API shows it: secrets never in full."""
+    shown = dict(config)
+    for key in ("secret", "secrets"):
+        if key in shown:
+            values = shown[key] if isinstance(shown[key], list) else [shown[key]]
+            masked = [f"{str(v)[:6]}…{str(v)[-4:]}" if len(str(v)) > 12 else "…" for v in values]
+            shown[key] = masked if isinstance(shown[key], list) else masked[0]
+    return shown
