@@ -45,7 +45,7 @@ class WorkflowList(MethodView):
         """Create a workflow (version 1)."""
         with context.services().db.session() as session:
             workflow, definition = workflows.create(session, context.company_id(), context.json_body())
-        return ok(workflows.view(session, workflow, definition)), 201
+            return ok(workflows.view(session, workflow, definition)), 201
 
     @blp.arguments(ListWorkflowsQuerySchema, location="query", error_status_code=400)
     @blp.response(200, WorkflowListEnvelope)
@@ -82,7 +82,7 @@ class WorkflowItem(MethodView):
             workflow, definition = workflows.replace(
                 session, context.company_id(), workflow_id, context.json_body()
             )
-        return ok(workflows.view(session, workflow, definition))
+            return ok(workflows.view(session, workflow, definition))
 
     @blp.response(200, DeletedEnvelope)
     def delete(self, workflow_id: str) -> dict[str, Any]:

@@ -36,6 +36,7 @@ class Config:
             action_modules=modules,
             log_level=(env.get("BATON_LOG_LEVEL") or "INFO").upper(),
             var_dir=Path(env.get("BATON_VAR_DIR") or Path.cwd() / "var"),
+            queue_namespace=env.get("BATON_QUEUE_NAMESPACE") or "baton",
         )
 
     def with_overrides(self, **changes: object) -> Config:

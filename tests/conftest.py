@@ -42,7 +42,7 @@ def config() -> Config:
     base = env.database_url or DEFAULT_DATABASE_URL
     separator = "&" if "?" in base else "?"
     return env.with_overrides(
-        database_url=f"{base}{separator}options=-csearch_path%3D{SCHEMA}",
+        database_url=f"{base}{separator}options=-csearch_path%3D{SCHEMA}&application_name={SCHEMA}",
         redis_url=env.redis_url or DEFAULT_REDIS_URL,
         broker_url=None,
         queue_namespace=f"baton-test-{uuid.uuid4().hex[:8]}",
@@ -63,6 +63,14 @@ def services(config: Config) -> Iterator[Services]:
         svc.redis.delete(key)
     db.dispose()
     with db.engine.begin() as conn:
+        # Connections of processes the tests started (and killed) must not hold the schema.
+        conn.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = :name "
+                "AND pid <> pg_backend_pid()"
+            ),
+            {"name": SCHEMA},
+        )
         conn.execute(text(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
     db.dispose()
 
