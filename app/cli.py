@@ -364,6 +364,18 @@ def keys_create(company: str, name: str) -> None:
     click.echo(key)
 
 
+@keys_group.command("revoke")
+@click.argument("prefix")
+def keys_revoke(prefix: str) -> None:
+    """Revoke the key whose prefix (the part after bk_) is PREFIX."""
+    from app import keys
+
+    with _services().db.session() as session:
+        if not keys.revoke(session, prefix):
+            _fail(f"no key with prefix {prefix!r}")
+    click.echo(f"revoked {prefix}", err=True)
+
+
 def _company_id(session: Any, name: str | None) -> str:
     from models import Company
 

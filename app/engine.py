@@ -18,7 +18,7 @@ from typing import Any
 import redis
 from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from app import templating
 from app.db import Database
@@ -518,8 +518,12 @@ def _skip_unreached(session: Session, run_id: str, now: Any) -> None:
     )
 
 
-def _lock_run(session: Session, run_id: str) -> Run | None:
-    return session.execute(select(Run).where(Run.id == run_id).with_for_update()).scalar_one_or_none()
+def _lock_run(session: Session, run_id: str, *, with_input: bool = False) -> Run | None:
+    """Lock the run row; its JSON input and output stay unloaded unless asked for (hot path)."""
+    query = select(Run).where(Run.id == run_id).with_for_update()
+    if not with_input:
+        query = query.options(defer(Run.input), defer(Run.output))
+    return session.execute(query).scalar_one_or_none()
 
 
 def _lease(definition: dict[str, Any], position: int, now: Any) -> Any:
@@ -529,7 +533,7 @@ def _lease(definition: dict[str, Any], position: int, now: Any) -> Any:
 def claim_step(services: Services, run_id: str, step_id: str, attempt: int) -> Claim | None:
     """Take a queued (or due, waiting) step; None when the message is stale or the run is not active."""
     with services.db.session() as session:
-        run = _lock_run(session, run_id)
+        run = _lock_run(session, run_id, with_input=True)
         if run is None or run.status not in ("pending", "running"):
             return None
         now = utcnow()
@@ -762,7 +766,7 @@ def _time_out(session: Session, run: Run, now: Any) -> None:
 def resume_run(services: Services, company_id: str, run_id: str, approved: bool, data: Any) -> Run:
     """Answer a suspended run's approval: continue with ``data`` as the step output, or fail it."""
     with services.db.session() as session:
-        run = _lock_run(session, run_id)
+        run = _lock_run(session, run_id, with_input=True)
         if run is None or run.company_id != company_id:
             raise NotFound("Run not found")
         if run.status != "suspended":

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import requests
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, select
 
 from app import keys
 from models import ApiKey, Run, Workflow
@@ -172,10 +172,9 @@ def test_revoked_key_is_401(client, services, api_key, pending_run):
     assert client.get(f"/api/v1/runs/{pending_run}", headers={"x-api-key": api_key}).status_code == 200
     prefix = api_key[len(keys.KEY_PREFIX) :].split("_", 1)[0]
     with services.db.session() as session:
-        session.execute(
-            update(ApiKey).where(ApiKey.prefix == prefix).values(revoked_at=datetime.now(timezone.utc))
-        )
-        session.commit()
+        assert keys.revoke(session, prefix)
+        revoked_at = session.execute(select(ApiKey.revoked_at).where(ApiKey.prefix == prefix)).scalar_one()
+    assert revoked_at is not None
     response = client.get(f"/api/v1/runs/{pending_run}", headers={"x-api-key": api_key})
     assert_error(response, 401, "UNAUTHORIZED")
 
