@@ -16,7 +16,7 @@ from datetime import timedelta
 from typing import Any
 
 import redis
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, defer
 
@@ -461,6 +461,47 @@ def _update_steps() -> Any:
     return update(StepRun).execution_options(synchronize_session=False)
 
 
+# The hot path's statements, built once: building them per step cost more CPU than running them.
+_STEPS = StepRun.__table__
+_RECORD = (
+    update(_STEPS)
+    .where(
+        _STEPS.c.run_id == bindparam("b_run"),
+        _STEPS.c.step_id == bindparam("b_step"),
+        _STEPS.c.status == "running",
+        _STEPS.c.attempt == bindparam("b_attempt"),
+    )
+    .values(
+        status=bindparam("status"),
+        input=bindparam("input"),
+        output=bindparam("output"),
+        error=bindparam("error"),
+        started_at=bindparam("started_at"),
+        completed_at=bindparam("completed_at"),
+        duration_ms=bindparam("duration_ms"),
+        lease_expires_at=None,
+    )
+)
+_CLAIM_NEXT = (
+    update(_STEPS)
+    .where(
+        _STEPS.c.run_id == bindparam("b_run"),
+        _STEPS.c.step_id == bindparam("b_step"),
+        _STEPS.c.status == "pending",
+    )
+    .values(
+        status="running",
+        attempt=1,
+        started_at=bindparam("now"),
+        queued_at=bindparam("now"),
+        lease_expires_at=bindparam("lease"),
+    )
+)
+_LOG_ATTEMPT = insert(StepAttempt.__table__)
+_LOCK_RUN = select(Run).where(Run.id == bindparam("run_id")).with_for_update()
+_LOCK_RUN_LEAN = _LOCK_RUN.options(defer(Run.input), defer(Run.output))
+
+
 def _update_running(session: Session, claim: Claim, **values: Any) -> bool:
     """Compare-and-set on the claimed attempt: only the owner of (step, attempt, running) may change it."""
     result = session.execute(
@@ -489,19 +530,20 @@ def _log_attempt(
 ) -> None:
     """One ``step_attempts`` row (the log behind ``GET /runs/:id/logs``) for a claim or a step row."""
     session.execute(
-        insert(StepAttempt).values(
-            run_id=source.run_id,
-            step_id=source.step_id,
-            position=source.position,
-            attempt=source.attempt,
-            status=status,
-            input=step_input,
-            output=output,
-            error=error,
-            started_at=started,
-            completed_at=now,
-            duration_ms=duration_ms(started, now),
-        )
+        _LOG_ATTEMPT,
+        {
+            "run_id": source.run_id,
+            "step_id": source.step_id,
+            "position": source.position,
+            "attempt": source.attempt,
+            "status": status,
+            "input": step_input,
+            "output": output,
+            "error": error,
+            "started_at": started,
+            "completed_at": now,
+            "duration_ms": duration_ms(started, now),
+        },
     )
 
 
@@ -525,10 +567,8 @@ def _skip_unreached(session: Session, run_id: str, now: Any) -> None:
 
 def _lock_run(session: Session, run_id: str, *, with_input: bool = False) -> Run | None:
     """Lock the run row; its JSON input and output stay unloaded unless asked for (hot path)."""
-    query = select(Run).where(Run.id == run_id).with_for_update()
-    if not with_input:
-        query = query.options(defer(Run.input), defer(Run.output))
-    return session.execute(query).scalar_one_or_none()
+    query = _LOCK_RUN if with_input else _LOCK_RUN_LEAN
+    return session.execute(query, {"run_id": run_id}).scalar_one_or_none()
 
 
 def _lease(definition: dict[str, Any], position: int, now: Any) -> Any:
@@ -626,17 +666,23 @@ def record_result(services: Services, claim: Claim, outcome: StepOutcome) -> Nex
             return Next()
         if outcome.status == "waiting":
             return _record_wait(session, services, run, claim, outcome, started, now)
-        finished = _update_running(
-            session,
-            claim,
-            status="queued" if will_retry else outcome.status,
-            input=outcome.input,
-            output=outcome.output,
-            error=outcome.error,
-            started_at=started,
-            completed_at=None if will_retry else now,
-            duration_ms=None if will_retry else duration_ms(started, now),
-            lease_expires_at=None,
+        finished = (
+            session.execute(
+                _RECORD,
+                {
+                    "b_run": claim.run_id,
+                    "b_step": claim.step_id,
+                    "b_attempt": claim.attempt,
+                    "status": "queued" if will_retry else outcome.status,
+                    "input": outcome.input,
+                    "output": outcome.output,
+                    "error": outcome.error,
+                    "started_at": started,
+                    "completed_at": None if will_retry else now,
+                    "duration_ms": None if will_retry else duration_ms(started, now),
+                },
+            ).rowcount
+            == 1
         )
         if not finished:
             # Someone else recorded this attempt (a duplicate delivery); theirs stands.
@@ -678,19 +724,13 @@ def record_result(services: Services, claim: Claim, outcome: StepOutcome) -> Nex
             if position < len(claim.definition["steps"]):
                 next_id = claim.definition["steps"][position]["id"]
                 claimed = session.execute(
-                    _update_steps()
-                    .where(
-                        StepRun.run_id == claim.run_id,
-                        StepRun.step_id == next_id,
-                        StepRun.status == "pending",
-                    )
-                    .values(
-                        status="running",
-                        attempt=1,
-                        started_at=now,
-                        queued_at=now,
-                        lease_expires_at=_lease(claim.definition, position, now),
-                    )
+                    _CLAIM_NEXT,
+                    {
+                        "b_run": claim.run_id,
+                        "b_step": next_id,
+                        "now": now,
+                        "lease": _lease(claim.definition, position, now),
+                    },
                 )
                 if claimed.rowcount == 1:
                     nxt.claim = Claim(
