@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 import threading
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from app.queue import StepQueue
 from app.timeutil import duration_ms, utcnow
 from models import Run, StepAttempt, StepRun, Workflow, WorkflowVersion
 
+logger = logging.getLogger("baton.engine")
 IDEMPOTENCY_TTL = timedelta(hours=24)
 LEASE_GRACE = timedelta(seconds=30)
 CANCEL_FLAG_TTL_S = 7 * 24 * 3600
@@ -148,8 +150,18 @@ def _create_run(
             if existing is None:
                 raise
             return existing, False
-    services.queue.enqueue(run.id, first_step, 1)
+    _enqueue_or_leave_to_sweep(services, run.id, first_step, 1)
     return run, True
+
+
+def _enqueue_or_leave_to_sweep(services: Services, run_id: str, step_id: str, attempt: int) -> None:
+    """The run is committed; if the broker is down, the recovery sweep sends the message later."""
+    try:
+        services.queue.enqueue(run_id, step_id, attempt)
+    except Exception:  # any broker failure: the row is the source of truth
+        logger.warning(
+            "could not enqueue %s/%s; the recovery sweep will resend it", run_id, step_id, exc_info=True
+        )
 
 
 def _insert_run(

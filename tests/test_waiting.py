@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from datetime import timedelta
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from app import engine
 from app.timeutil import utcnow
@@ -152,3 +152,30 @@ def test_sweep_recovers_a_step_whose_worker_died(worker, services, make_workflow
     done = wait_run(run["id"])
     assert done["status"] == "failed", "maxAttempts 1: WORKER_LOST fails the run"
     assert done["stepResults"][1]["error"]["code"] == "WORKER_LOST"
+
+
+def test_broker_down_at_trigger_loses_nothing(
+    worker, config, services, client, headers, make_workflow, wait_run
+):
+    """A trigger whose enqueue fails still answers 202; the sweep resends the message later."""
+    from app.engine import Services, trigger_run
+    from app.queue import StepQueue, make_broker
+
+    wid = make_workflow([{"id": "a", "action": "transform", "input": {"ok": True}}])
+    dead = config.with_overrides(redis_url="redis://127.0.0.1:1/0")  # nothing listens on port 1
+    broken = Services(
+        db=services.db, redis=services.redis, queue=StepQueue(make_broker(dead)), namespace=services.namespace
+    )
+    from app import keys as keys_module
+    from models import ApiKey
+
+    prefix = headers["x-api-key"][len(keys_module.KEY_PREFIX) :].split("_", 1)[0]
+    with services.db.session() as session:
+        company_id = session.execute(select(ApiKey.company_id).where(ApiKey.prefix == prefix)).scalar_one()
+    run, created = trigger_run(broken, company_id, wid, {}, "api")
+    assert created
+    time.sleep(0.3)
+    assert client.get(f"/api/v1/runs/{run.id}", headers=headers).get_json()["data"]["status"] == "pending"
+    later = utcnow() + engine.STUCK_QUEUED + timedelta(seconds=1)
+    assert engine.sweep(services, now=later)["requeued"] >= 1
+    assert wait_run(run.id)["status"] == "completed"
