@@ -892,103 +892,129 @@ def resume_run(services: Services, company_id: str, run_id: str, approved: bool,
 # --------------------------------------------------------------------------- recovery sweeps
 
 STUCK_QUEUED = timedelta(seconds=60)
+ACTIVE = ("pending", "running", "suspended")
 
 
 def sweep(services: Services, now: Any = None) -> dict[str, int]:
     """One pass of the recovery sweeps (DESIGN §5.7); safe to run from several processes."""
     now = now or utcnow()
-    counts = {"timedOut": 0, "approvalsExpired": 0, "requeued": 0, "leasesExpired": 0}
     with services.db.session() as session:
-        overdue = (
-            session.execute(
-                select(Run.id)
-                .where(Run.status.in_(("pending", "running", "suspended")), Run.deadline_at <= now)
-                .limit(500)
-            )
-            .scalars()
-            .all()
+        return {
+            "timedOut": _sweep_timeouts(services, session, now),
+            "approvalsExpired": _sweep_approvals(session, now),
+            "requeued": _sweep_lost_messages(services, session, now),
+            "leasesExpired": _sweep_dead_workers(services, session, now),
+        }
+
+
+def _lock_step(session: Session, run_id: str, step_id: str) -> tuple[Run | None, StepRun]:
+    run = _lock_run(session, run_id)
+    row = session.execute(
+        select(StepRun).where(StepRun.run_id == run_id, StepRun.step_id == step_id)
+    ).scalar_one()
+    return run, row
+
+
+def _fail_step(
+    session: Session, run: Run, row: StepRun, error: dict[str, str], now: Any, run_code: str
+) -> None:
+    """End a step in error, record the attempt, skip what follows and fail the run."""
+    row.status, row.error, row.completed_at, row.lease_expires_at = "error", error, now, None
+    row.duration_ms = duration_ms(row.started_at, now)
+    _log_attempt(session, row, "error", row.started_at, now, step_input=row.input, error=error)
+    _skip_after(session, run.id, row.position, now)
+    _finish_run(run, "failed", now, error={"code": run_code, "message": error["message"]})
+
+
+def _sweep_timeouts(services: Services, session: Session, now: Any) -> int:
+    """Runs past their deadline end ``timeout``, even when no worker is looking at them."""
+    overdue = (
+        session.execute(select(Run.id).where(Run.status.in_(ACTIVE), Run.deadline_at <= now).limit(500))
+        .scalars()
+        .all()
+    )
+    count = 0
+    for run_id in overdue:
+        run = _lock_run(session, run_id)
+        if run is not None and run.status in ACTIVE:
+            _time_out(session, run, now)
+            count += 1
+        session.commit()
+        services.redis.set(services.cancel_key(run_id), "1", ex=CANCEL_FLAG_TTL_S)
+    return count
+
+
+def _sweep_approvals(session: Session, now: Any) -> int:
+    """Approvals past their ``timeoutMs`` fail the run with APPROVAL_TIMEOUT."""
+    expired = session.execute(
+        select(StepRun.run_id, StepRun.step_id)
+        .join(Run, Run.id == StepRun.run_id)
+        .where(Run.status == "suspended", StepRun.status == "waiting", StepRun.queued_at <= now)
+        .limit(500)
+    ).all()
+    count = 0
+    for run_id, step_id in expired:
+        run, row = _lock_step(session, run_id, step_id)
+        if run is not None and run.status == "suspended" and row.status == "waiting":
+            error = {"code": "APPROVAL_TIMEOUT", "message": "No approval before the step's timeoutMs"}
+            _fail_step(session, run, row, error, now, "APPROVAL_TIMEOUT")
+            count += 1
+        session.commit()
+    return count
+
+
+def _sweep_lost_messages(services: Services, session: Session, now: Any) -> int:
+    """Queued steps with no progress (enqueue failed after commit, Redis restarted) are sent again."""
+    stuck = session.execute(
+        select(StepRun.id, StepRun.run_id, StepRun.step_id, StepRun.attempt)
+        .join(Run, Run.id == StepRun.run_id)
+        .where(
+            Run.status.in_(("pending", "running")),
+            StepRun.status == "queued",
+            StepRun.queued_at <= now - STUCK_QUEUED,
         )
-        for run_id in overdue:
-            run = _lock_run(session, run_id)
-            if run is not None and run.status in ("pending", "running", "suspended"):
-                _time_out(session, run, now)
-                counts["timedOut"] += 1
-            session.commit()
-            services.redis.set(services.cancel_key(run_id), "1", ex=CANCEL_FLAG_TTL_S)
+        .limit(500)
+    ).all()
+    for row_id, run_id, step_id, attempt in stuck:
+        session.execute(_update_steps().where(StepRun.id == row_id).values(queued_at=now))
+        session.commit()
+        services.queue.enqueue(run_id, step_id, attempt)
+    return len(stuck)
 
-        expired = session.execute(
-            select(StepRun.run_id, StepRun.step_id)
-            .join(Run, Run.id == StepRun.run_id)
-            .where(Run.status == "suspended", StepRun.status == "waiting", StepRun.queued_at <= now)
-            .limit(500)
-        ).all()
-        for run_id, step_id in expired:
-            run = _lock_run(session, run_id)
-            row = session.execute(
-                select(StepRun).where(StepRun.run_id == run_id, StepRun.step_id == step_id)
-            ).scalar_one()
-            if run is not None and run.status == "suspended" and row.status == "waiting":
-                error = {"code": "APPROVAL_TIMEOUT", "message": "No approval before the step's timeoutMs"}
-                row.status, row.error, row.completed_at = "error", error, now
-                row.duration_ms = duration_ms(row.started_at, now)
-                _finish_run(run, "failed", now, error=error)
-                counts["approvalsExpired"] += 1
-            session.commit()
 
-        # Lost messages (enqueue failed after commit, Redis restarted): send them again.
-        stuck = session.execute(
-            select(StepRun.id, StepRun.run_id, StepRun.step_id, StepRun.attempt)
-            .join(Run, Run.id == StepRun.run_id)
-            .where(
-                Run.status.in_(("pending", "running")),
-                StepRun.status == "queued",
-                StepRun.queued_at <= now - STUCK_QUEUED,
-            )
-            .limit(500)
-        ).all()
-        for row_id, run_id, step_id, attempt in stuck:
-            session.execute(_update_steps().where(StepRun.id == row_id).values(queued_at=now))
-            session.commit()
-            services.queue.enqueue(run_id, step_id, attempt)
-            counts["requeued"] += 1
-
-        # Workers that died mid-step: a new attempt, or WORKER_LOST when none are left.
-        lost = session.execute(
-            select(StepRun.run_id, StepRun.step_id)
-            .where(StepRun.status == "running", StepRun.lease_expires_at <= now)
-            .limit(500)
-        ).all()
-        for run_id, step_id in lost:
-            run = _lock_run(session, run_id)
-            row = session.execute(
-                select(StepRun).where(StepRun.run_id == run_id, StepRun.step_id == step_id)
-            ).scalar_one()
-            if run is None or row.status != "running" or row.lease_expires_at > now:
-                session.rollback()
-                continue
-            definition = definition_for(session, run.workflow_id, run.workflow_version)
-            error = {"code": "WORKER_LOST", "message": "The worker executing this step stopped"}
+def _sweep_dead_workers(services: Services, session: Session, now: Any) -> int:
+    """A step whose lease expired (its worker died) gets a new attempt, or fails with WORKER_LOST."""
+    lost = session.execute(
+        select(StepRun.run_id, StepRun.step_id)
+        .where(StepRun.status == "running", StepRun.lease_expires_at <= now)
+        .limit(500)
+    ).all()
+    count = 0
+    for run_id, step_id in lost:
+        run, row = _lock_step(session, run_id, step_id)
+        if run is None or row.status != "running" or row.lease_expires_at > now:
+            session.rollback()
+            continue
+        definition = definition_for(session, run.workflow_id, run.workflow_version)
+        error = {"code": "WORKER_LOST", "message": "The worker executing this step stopped"}
+        attempts = definition["steps"][row.position]["retry"]["maxAttempts"]
+        enqueue = None
+        if run.status == "running" and row.attempt < attempts:
             _log_attempt(session, row, "error", row.started_at, now, step_input=row.input, error=error)
-            enqueue = None
-            if (
-                run.status == "running"
-                and row.attempt < definition["steps"][row.position]["retry"]["maxAttempts"]
-            ):
-                row.status, row.attempt, row.queued_at, row.lease_expires_at = (
-                    "queued",
-                    row.attempt + 1,
-                    now,
-                    None,
-                )
-                enqueue = (run_id, step_id, row.attempt)
-            else:
-                row.status, row.error, row.completed_at, row.lease_expires_at = "error", error, now, None
-                row.duration_ms = duration_ms(row.started_at, now)
-                if run.status == "running":
-                    _skip_after(session, run_id, row.position, now)
-                    _finish_run(run, "failed", now, error={"code": "STEP_ERROR", "message": error["message"]})
-            session.commit()
-            if enqueue:
-                services.queue.enqueue(*enqueue)
-            counts["leasesExpired"] += 1
-    return counts
+            row.status, row.attempt, row.queued_at, row.lease_expires_at = (
+                "queued",
+                row.attempt + 1,
+                now,
+                None,
+            )
+            enqueue = (run_id, step_id, row.attempt)
+        elif run.status == "running":
+            _fail_step(session, run, row, error, now, "STEP_ERROR")
+        else:
+            row.status, row.error, row.completed_at, row.lease_expires_at = "error", error, now, None
+            _log_attempt(session, row, "error", row.started_at, now, step_input=row.input, error=error)
+        session.commit()
+        if enqueue:
+            services.queue.enqueue(*enqueue)
+        count += 1
+    return count
