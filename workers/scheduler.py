@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import uuid
@@ -21,7 +22,8 @@ class Scheduler:
     def __init__(self, services: Services, interval_s: float = 0.5) -> None:
         self.services = services
         self.interval_s = interval_s
-        self.token = uuid.uuid4().hex
+        # The pid in the token tells an operator (and the failover test) which process leads.
+        self.token = f"{os.getpid()}:{uuid.uuid4().hex}"
         self.lock_key = f"{services.namespace}:scheduler:lock"
         self.stopping = threading.Event()
         self.leader = False
