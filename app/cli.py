@@ -206,14 +206,18 @@ def dev(host: str, port: int, processes: int, threads: int) -> None:
     if config.embedded_redis:
         say(f"starting embedded Redis ({config.redis_socket})")
         redis_process = ensure_redis(config, daemonize=False)
-    say(
-        "migrating "
-        + ("embedded SQLite " + str(config.sqlite_path) if config.embedded_database else "database")
-    )
-    _upgrade(config)
-    key = _dev_key(config)
+    try:
+        say(
+            "migrating "
+            + ("embedded SQLite " + str(config.sqlite_path) if config.embedded_database else "database")
+        )
+        _upgrade(config)
+        key = _dev_key(config)
+        workflow_id = _load_example(config)
+    except BaseException:
+        stop_redis(redis_process)  # a failed start must not leave the embedded Redis behind
+        raise
     base_url = f"http://{host}:{port}"
-    workflow_id = _load_example(config)
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
     stopping = False
 

@@ -115,3 +115,23 @@ def test_unknown_run_exits_non_zero_with_one_line(run_cli, company, monkeypatch,
     assert exited.value.code == 1
     err = capsys.readouterr().err
     assert err.strip() == "Error: NOT_FOUND: Run not found"
+
+
+def test_dev_that_fails_to_start_leaves_no_embedded_redis(tmp_path):
+    """A start-up failure (here: the SQLite path is a directory) exits non-zero and stops its Redis."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from app.embedded import redis_answers
+
+    (tmp_path / "var" / "baton.sqlite3").mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "BATON_VAR_DIR")}
+    baton = str(Path(sys.executable).with_name("baton"))
+    result = subprocess.run(
+        [baton, "dev", "--port", "0"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0
+    assert "starting embedded Redis" in result.stderr
+    assert not redis_answers(tmp_path / "var" / "redis.sock")
