@@ -89,9 +89,10 @@ def worker(services: Services) -> Iterator[dramatiq.Worker]:
     worker.stop(timeout=10_000)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def scheduler(services: Services) -> Iterator[Any]:
-    """The scheduler (recovery sweeps, run timeouts) in a thread of this process."""
+    """The scheduler (recovery sweeps, run timeouts) in a thread, only for the tests that ask for it:
+    a sweeper running behind every test would race tests that drive the sweeps with their own clock."""
     from workers.scheduler import Scheduler
 
     instance = Scheduler(services, interval_s=0.05)
