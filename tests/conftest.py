@@ -115,14 +115,19 @@ def client(app: Any) -> Any:
     return app.test_client()
 
 
-@pytest.fixture
-def api_key(services: Services) -> str:
-    """A fresh company per test keeps tests independent without truncating tables."""
+def new_key(services: Services, label: str = "test") -> str:
+    """A key for a brand-new company."""
     with services.db.session() as session:
-        company = keys.get_or_create_company(session, f"test-{uuid.uuid4().hex[:12]}")
+        company = keys.get_or_create_company(session, f"{label}-{uuid.uuid4().hex[:12]}")
         key = keys.create_key(session, company)
         session.commit()
     return key
+
+
+@pytest.fixture
+def api_key(services: Services) -> str:
+    """A fresh company per test keeps tests independent without truncating tables."""
+    return new_key(services)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from sqlalchemy import insert, select
 
 from app import keys
 from models import ApiKey, Run, Workflow
+from tests.conftest import new_key
 from tests.spec_shapes import LIST_ITEM_KEYS
 
 INVALID_CANCEL = "Can only cancel running or pending runs"
@@ -40,14 +41,6 @@ def assert_error(response: Any, status: int, code: str, message: str | None = No
     for leak in ("Traceback", 'File "', "sqlalchemy", "psycopg", "werkzeug"):
         assert leak not in text, text
     return error
-
-
-def new_key(services: Any) -> str:
-    with services.db.session() as session:
-        company = keys.get_or_create_company(session, f"auth-{uuid.uuid4().hex[:12]}")
-        key = keys.create_key(session, company)
-        session.commit()
-    return key
 
 
 def make_run(services: Any, client: Any, headers: dict[str, str], status: str = "pending") -> str:
