@@ -10,8 +10,8 @@ from marshmallow import ValidationError as MarshmallowError
 
 from app import keys
 from app.definition import flatten
-from app.engine import Services
 from app.errors import Unauthorized, ValidationError
+from app.services import Services
 
 
 def services() -> Services:

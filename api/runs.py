@@ -26,7 +26,7 @@ from api.schemas.runs import (
 from app import engine
 from app.errors import NotFound
 from app.ids import RUN_ID
-from models import Run
+from models import Run, RunStatus, StepStatus
 
 blp = Blueprint("runs", __name__, url_prefix="/api/v1/runs", description="Execute and monitor workflow runs")
 blp.before_request(context.authenticate)
@@ -40,11 +40,7 @@ def _run_id(run_id: str) -> str:
 
 def _visible_steps(rows: list[Any]) -> list[dict[str, Any]]:
     """Steps that have started or been decided; steps still waiting their turn are left out."""
-    return [
-        step_view(r)
-        for r in rows
-        if r.status not in ("pending",) and not (r.status == "queued" and r.attempt <= 1)
-    ]
+    return [step_view(r) for r in rows if engine.shown_in_results(r.status, r.attempt)]
 
 
 def run_detail(run: Run, rows: list[Any]) -> dict[str, Any]:
@@ -106,7 +102,7 @@ class RunLogs(MethodView):
         with context.services().db.session() as session:
             run = engine.get_run(session, context.company_id(), _run_id(run_id))
             attempts = engine.step_attempts(session, run.id)
-            running = [r for r in engine.step_runs(session, run.id) if r.status == "running"]
+            running = [r for r in engine.step_runs(session, run.id) if r.status == StepStatus.RUNNING]
         logs = [step_view(a) for a in attempts] + [step_view(r) for r in running]
         return ok(
             {
@@ -144,7 +140,7 @@ class RunCancel(MethodView):
         key = context.idempotency_key()
         remembered = f"{services.namespace}:idem:cancel:{context.company_id()}:{key}" if key else None
         if remembered and services.redis.get(remembered) == run_id.encode():
-            return ok({"id": run_id, "status": "cancelled", "message": "Run cancellation requested"})
+            return ok({"id": run_id, "status": RunStatus.CANCELLED, "message": "Run cancellation requested"})
         run = engine.cancel_run(services, context.company_id(), _run_id(run_id))
         if remembered:
             services.redis.set(remembered, run.id, ex=int(engine.IDEMPOTENCY_TTL.total_seconds()))
@@ -152,19 +148,38 @@ class RunCancel(MethodView):
 
 
 def _restart(run_id: str, mode: str, args: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, str]]:
-    result, created = engine.restart_run(
-        context.services(),
+    """Retry or restart: the engine's plan, shaped as the spec's 202 body (or the dry run's 200)."""
+    services, key = context.services(), context.idempotency_key()
+    plan = engine.plan_restart(
+        services,
         context.company_id(),
         _run_id(run_id),
         mode=mode,
         from_step_id=args.get("fromStepId"),
         override_input=args.get("overrideInput"),
         version_choice=args["workflowVersion"],
-        idempotency_key=context.idempotency_key(),
-        dry_run=args.get("dryRun", False),
     )
+    base = {
+        "originalRunId": plan.original.id,
+        "workflowId": plan.original.workflow_id,
+        "restartFromStepId": plan.from_step_id,
+    }
     if args.get("dryRun"):
-        return ok(result), 200, {}
+        reused = [
+            {"stepId": i, "status": plan.old_steps[i].status, "output": plan.old_steps[i].output}
+            for i in plan.reused_step_ids
+        ]
+        dry = {"dryRun": True, "workflowVersion": plan.version, "input": plan.input}
+        return ok({**base, **dry, "reusedSteps": reused, "stepsToRun": plan.step_ids_to_run}), 200, {}
+    run, created = engine.start_restart(services, plan, key)
+    result = {
+        **base,
+        "newRunId": run.id,
+        "restartFromStepId": run.restart_from_step_id or plan.from_step_id,
+        "status": RunStatus.PENDING if created else run.status,
+        "createdAt": run.created_at,
+        "workflowVersion": run.workflow_version,
+    }
     return ok(result), 202, {} if created else {"Idempotent-Replayed": "true"}
 
 

@@ -7,9 +7,8 @@ from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates, validates_schema
 
-from app import schedules, templating, webhooks
+from app import actions, schedules, templating, webhooks
 from app.errors import ValidationError as BatonValidationError
-from workers import actions
 
 STEP_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 DEFAULT_STEP_TIMEOUT_MS = 300_000

@@ -67,3 +67,13 @@ class ServiceUnavailable(BatonError):
 
 class InternalError(BatonError):
     pass
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A database or Redis outage (worth retrying, a 503), not a bug or bad input."""
+    import redis
+    from sqlalchemy import exc as sa
+
+    return isinstance(
+        exc, (sa.OperationalError, sa.InterfaceError, sa.TimeoutError, redis.ConnectionError)
+    ) or (isinstance(exc, redis.TimeoutError))

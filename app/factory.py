@@ -13,8 +13,8 @@ from werkzeug.exceptions import HTTPException
 from api.schemas.common import ErrorEnvelopeSchema, Timestamp
 from app.config import Config
 from app.definition import flatten
-from app.engine import Services
 from app.errors import BatonError
+from app.services import Services
 
 logger = logging.getLogger("baton.api")
 
@@ -92,7 +92,8 @@ def _handle_unexpected(error: Exception) -> Any:
 
 def create_app(config: Config | None = None, services: Services | None = None) -> Flask:
     """Build the API app; ``services`` lets tests and ``baton dev`` share connections."""
-    from app.runtime import build_services
+    import workers.actions  # noqa: F401  (registers the built-in actions)
+    from app.services import build_services
 
     config = config or Config.from_env()
     app = Flask("baton")

@@ -2,7 +2,6 @@
 
 from models.base import Base
 from models.runs import (
-    ACTIVE_RUN_STATUSES,
     RUN_STATUSES,
     STEP_STATUSES,
     TRIGGER_TYPES,
@@ -10,12 +9,12 @@ from models.runs import (
     StepAttempt,
     StepRun,
 )
+from models.states import RunStatus, StepStatus, TriggerType
 from models.tenancy import ApiKey, Company
 from models.triggers import Schedule, WebhookDelivery
 from models.workflows import Workflow, WorkflowVersion
 
 __all__ = [
-    "ACTIVE_RUN_STATUSES",
     "RUN_STATUSES",
     "STEP_STATUSES",
     "TRIGGER_TYPES",
@@ -23,9 +22,12 @@ __all__ = [
     "Base",
     "Company",
     "Run",
+    "RunStatus",
     "Schedule",
     "StepAttempt",
     "StepRun",
+    "StepStatus",
+    "TriggerType",
     "WebhookDelivery",
     "Workflow",
     "WorkflowVersion",

@@ -3,17 +3,35 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import Enum
 from typing import Any
 
-from sqlalchemy import Boolean, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy import Boolean, ForeignKey, Index, Integer, String, TypeDecorator, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import Base, JSONType, UTCDateTime
+from models.states import RunStatus, StepStatus, TriggerType
 
-RUN_STATUSES = ("pending", "running", "completed", "failed", "cancelled", "suspended", "timeout")
-ACTIVE_RUN_STATUSES = ("pending", "running", "suspended")
-STEP_STATUSES = ("pending", "queued", "running", "waiting", "success", "error", "skipped")
-TRIGGER_TYPES = ("api", "webhook", "schedule", "manual")
+RUN_STATUSES = tuple(s.value for s in RunStatus)
+STEP_STATUSES = tuple(s.value for s in StepStatus)
+TRIGGER_TYPES = tuple(t.value for t in TriggerType)
+
+
+class StatusType(TypeDecorator):
+    """A status column: stored as its text, loaded as the enum member."""
+
+    impl = String(16)
+    cache_ok = True
+
+    def __init__(self, enum: type[Enum]) -> None:
+        super().__init__()
+        self.enum = enum
+
+    def process_bind_param(self, value: Any, dialect: Any) -> str | None:
+        return None if value is None else self.enum(value).value
+
+    def process_result_value(self, value: str | None, dialect: Any) -> Any:
+        return None if value is None else self.enum(value)
 
 
 class Run(Base):
@@ -30,7 +48,7 @@ class Run(Base):
     company_id: Mapped[str] = mapped_column(ForeignKey("companies.id", ondelete="CASCADE"))
     workflow_id: Mapped[str] = mapped_column(ForeignKey("workflows.id", ondelete="CASCADE"))
     workflow_version: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[RunStatus] = mapped_column(StatusType(RunStatus))
     trigger_type: Mapped[str] = mapped_column(String(16))
     input: Mapped[Any] = mapped_column(JSONType)
     output: Mapped[Any | None] = mapped_column(JSONType)
@@ -59,7 +77,7 @@ class StepRun(Base):
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     step_id: Mapped[str] = mapped_column(String(64))
     position: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[StepStatus] = mapped_column(StatusType(StepStatus))
     # Number of the current (or last) attempt; 0 before the first one is claimed.
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     input: Mapped[Any | None] = mapped_column(JSONType)
@@ -83,7 +101,7 @@ class StepAttempt(Base):
     step_id: Mapped[str] = mapped_column(String(64))
     position: Mapped[int] = mapped_column(Integer)
     attempt: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[StepStatus] = mapped_column(StatusType(StepStatus))
     input: Mapped[Any | None] = mapped_column(JSONType)
     output: Mapped[Any | None] = mapped_column(JSONType)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSONType)

@@ -28,6 +28,7 @@ from app.config import Config  # noqa: E402
 from app.db import Database  # noqa: E402
 from app.migrate import upgrade  # noqa: E402
 from app.queue import StepQueue, make_broker, make_redis  # noqa: E402
+from app.services import Services  # noqa: E402
 from models import Run, StepRun  # noqa: E402
 
 SERVER = "postgresql+psycopg://root@127.0.0.1:5432"
@@ -60,7 +61,7 @@ def main() -> int:
     upgrade(db)
     redis = make_redis(config)
     redis.flushdb()
-    services = engine.Services(db=db, redis=redis, queue=StepQueue(make_broker(config)))
+    services = Services(db=db, redis=redis, queue=StepQueue(make_broker(config)))
     with db.session() as session:
         company = keys.get_or_create_company(session, "bench")
         session.commit()

@@ -22,10 +22,10 @@ from werkzeug.serving import make_server
 from app import keys
 from app.config import Config
 from app.db import Database
-from app.engine import Services
 from app.factory import create_app
 from app.migrate import upgrade
 from app.queue import StepQueue, make_broker, make_redis
+from app.services import Services
 
 DEFAULT_DATABASE_URL = "postgresql+psycopg://root@127.0.0.1:5432/test"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -80,9 +80,11 @@ def worker(services: Services) -> Iterator[dramatiq.Worker]:
     """A real Dramatiq worker consuming the real Redis broker, in this process."""
     broker = services.queue.broker
     dramatiq.set_broker(broker)
-    from workers import actors
+    import workers.actions  # noqa: F401
+    from workers import actors  # noqa: F401
+    from workers.middleware import ProcessServices
 
-    actors.configure(services)
+    broker.add_middleware(ProcessServices(services))
     worker = dramatiq.Worker(broker, worker_threads=8, worker_timeout=50)
     worker.start()
     yield worker

@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import dramatiq
 
-from app.engine import Services
 from app.queue import EXECUTE_STEP, STEPS_QUEUE
 from workers import executor
-
-_services: Services | None = None
-
-
-def configure(services: Services) -> None:
-    global _services
-    _services = services
+from workers.middleware import ProcessServices
 
 
-# The executor enforces each step's own timeout; the message limit only backs it up for
+# Each step's own timeout is enforced by StepTimeLimit; the message limit only backs it up for
 # long inline chains.
 @dramatiq.actor(actor_name=EXECUTE_STEP, queue_name=STEPS_QUEUE, time_limit=24 * 3600 * 1000)
 def execute_step(run_id: str, step_id: str, attempt: int) -> None:
     """Claim, execute and record a step, then chain the next one inline when it is due now."""
-    assert _services is not None, "workers.actors.configure() was not called"
-    executor.execute_step(_services, run_id, step_id, attempt)
+    process = ProcessServices.current
+    assert process is not None, "the broker has no ProcessServices middleware (see workers.main)"
+    executor.execute_step(process.services, process.leases, process.time_limit, run_id, step_id, attempt)

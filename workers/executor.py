@@ -1,183 +1,133 @@
-"""Execute a step, record it, and keep going inline while the next step is due now (DESIGN §11)."""
+"""Execute a step, record it, and keep going inline while the next step is due now (DESIGN §11).
+
+A database or Redis outage never strands a step: before the claim the message is retried with
+back-off (Dramatiq's Retries, transient errors only); once a step is claimed its result is
+recorded with retries while the heartbeat keeps its lease.
+"""
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
-import threading
 import time
-from datetime import timedelta
-from typing import Any
-
-from dramatiq.threading import raise_thread_exception
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from app import engine, templating
-from app.engine import Claim, Services, StepOutcome
+from app.actions import ActionContext, Park, StepError
+from app.actions import get as get_action
+from app.engine import Claim, Outcome
+from app.errors import is_transient
+from app.services import Services
 from app.timeutil import duration_ms, utcnow
-from workers import actions
-from workers.actions import builtin
+from models.states import StepStatus
+from workers.middleware import LeaseHeartbeat, StepTimeLimit, StepTimeout
 
 logger = logging.getLogger("baton.worker")
+S = StepStatus
+T = TypeVar("T")
+PERSIST_FOR_S = 120.0  # how long a held step's record is retried through an outage
 
 
-class StepTimeout(Exception):
-    """Raised asynchronously into a worker thread whose step ran past its ``timeoutMs``."""
-
-
-class Watchdog:
-    """One thread that interrupts steps running past their deadline (cheaper than a timer each)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._heap: list[tuple[float, int, int]] = []
-        self._armed: dict[int, int] = {}  # token -> thread id
-        self._tokens = itertools.count(1)
-        self._thread: threading.Thread | None = None
-
-    def arm(self, timeout_s: float) -> int:
-        token = next(self._tokens)
-        with self._cond:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="baton-watchdog", daemon=True)
-                self._thread.start()
-            self._armed[token] = threading.get_ident()
-            heapq.heappush(self._heap, (time.monotonic() + timeout_s, token, threading.get_ident()))
-            self._cond.notify()
-        return token
-
-    def disarm(self, token: int) -> None:
-        with self._cond:
-            self._armed.pop(token, None)
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._heap or self._heap[0][1] not in self._armed:
-                    if self._heap and self._heap[0][1] not in self._armed:
-                        heapq.heappop(self._heap)
-                        continue
-                    self._cond.wait()
-                deadline, token, thread_id = self._heap[0]
-                remaining = deadline - time.monotonic()
-                if remaining > 0:
-                    self._cond.wait(remaining)
-                    continue
-                heapq.heappop(self._heap)
-                if self._armed.pop(token, None) is not None:
-                    raise_thread_exception(thread_id, StepTimeout)
-
-
-watchdog = Watchdog()
-
-
-def run_action(claim: Claim, step_input: Any) -> Any:
+def run_action(claim: Claim, step_input: Any, time_limit: StepTimeLimit) -> Any:
     """Call the step's action under its timeout; errors come back as ``StepError``."""
     step = claim.step
-    func = actions.get(step["action"])
+    func = get_action(step["action"])
     if func is None:
-        raise actions.StepError("UNKNOWN_ACTION", f"Unknown action {step['action']!r}")
+        raise StepError("UNKNOWN_ACTION", f"Unknown action {step['action']!r}")
     timeout_s = step["timeoutMs"] / 1000
-    ctx = actions.ActionContext(claim.run_id, claim.step_id, claim.attempt, timeout_s)
+    ctx = ActionContext(claim.run_id, claim.step_id, claim.attempt, timeout_s, claim.started_at)
     try:
-        token = watchdog.arm(timeout_s)
+        token = time_limit.arm(timeout_s)
         try:
             return func(ctx, step_input)
         finally:
-            watchdog.disarm(token)
+            time_limit.disarm(token)
     except StepTimeout:
-        raise actions.StepError(
-            "STEP_TIMEOUT",
-            f"Step {claim.step_id!r} exceeded its timeout of {step['timeoutMs']} ms",
-            retriable=True,
-        ) from None
+        message = f"Step {claim.step_id!r} exceeded its timeout of {step['timeoutMs']} ms"
+        raise StepError("STEP_TIMEOUT", message, retriable=True) from None
 
 
-def execute(claim: Claim) -> StepOutcome:
+def execute(claim: Claim, time_limit: StepTimeLimit) -> Outcome:
     """Render, evaluate ``if``, run the action; never raises for a step failure."""
     started = utcnow()
-    step = claim.step
     if claim.waited_since is not None:
         # A delay that is now due: it completes without running anything.
-        return StepOutcome(
-            "success",
-            input=claim.resumed_input,
-            output={"delayedMs": duration_ms(claim.waited_since, started)},
-            started_at=claim.waited_since,
-            completed_at=started,
-        )
-    context = claim.template_context()
+        output = {"delayedMs": duration_ms(claim.waited_since, started)}
+        return Outcome(S.SUCCESS, input=claim.resumed_input, output=output, started_at=claim.waited_since)
+    step, context = claim.step, claim.template_context()
     try:
         if "if" in step and not templating.truthy(step["if"], context):
-            return StepOutcome("skipped", started_at=started, completed_at=utcnow())
+            return Outcome(S.SKIPPED, started_at=started)
         step_input = templating.render(step.get("input", {}), context, "input")
     except templating.TemplateError as exc:
-        return StepOutcome(
-            "error",
-            error={"code": "TEMPLATE_ERROR", "message": str(exc)},
-            started_at=started,
-            completed_at=utcnow(),
-        )
-    if step["action"] in ("delay", "approval"):
-        return _park(claim, step_input, started)
+        return Outcome(S.ERROR, error={"code": "TEMPLATE_ERROR", "message": str(exc)}, started_at=started)
     try:
-        output = run_action(claim, step_input)
-        output = templating.to_json(output)
-    except actions.StepError as exc:
-        return StepOutcome(
-            "error",
+        result = run_action(claim, step_input, time_limit)
+        if isinstance(result, Park):
+            return Outcome(S.WAITING, input=step_input, started_at=started, park=result)
+        output = templating.to_json(result)
+    except StepError as exc:
+        return Outcome(
+            S.ERROR,
             input=step_input,
             error=exc.to_dict(),
             retriable=exc.retriable,
             retry_after_ms=exc.retry_after_ms,
             started_at=started,
-            completed_at=utcnow(),
         )
     except Exception as exc:  # an action's bug must fail the step, not the worker
         logger.exception("action %s of step %s crashed", step["action"], claim.step_id)
-        return StepOutcome(
-            "error",
-            input=step_input,
-            error={"code": "ACTION_ERROR", "message": f"{type(exc).__name__}: {exc}"},
-            retriable=True,
-            started_at=started,
-            completed_at=utcnow(),
-        )
-    return StepOutcome("success", input=step_input, output=output, started_at=started, completed_at=utcnow())
+        error = {"code": "ACTION_ERROR", "message": f"{type(exc).__name__}: {exc}"}
+        return Outcome(S.ERROR, input=step_input, error=error, retriable=True, started_at=started)
+    return Outcome(S.SUCCESS, input=step_input, output=output, started_at=started)
 
 
-def _park(claim: Claim, step_input: Any, started: Any) -> StepOutcome:
-    """Delays and approvals wait in the database, not in a worker thread."""
-    if claim.step["action"] == "approval":
-        timeout = step_input.get("timeoutMs") if isinstance(step_input, dict) else None
-        due = (
-            started + timedelta(milliseconds=timeout)
-            if isinstance(timeout, (int, float)) and timeout > 0
-            else None
-        )
-        return StepOutcome("waiting", input=step_input, started_at=started, wait_until=due, suspend=True)
+def persist(write: Callable[..., T], *args: Any, for_s: float = PERSIST_FOR_S) -> T:
+    """Call ``write(*args)`` until it gets through a database or Redis outage (bounded back-off)."""
+    deadline, pause = time.monotonic() + for_s, 0.1
+    while True:
+        try:
+            return write(*args)
+        except Exception as exc:
+            if not is_transient(exc) or time.monotonic() + pause > deadline:
+                raise
+            name = getattr(write, "__name__", "write")
+            logger.warning("%s failed (%s); retrying in %.1f s", name, type(exc).__name__, pause)
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)
+
+
+def cancel_seen(services: Services, run_id: str) -> bool:
+    """The cancel flag; with Redis down, the database decides at the claim (flag = mirror)."""
     try:
-        due = builtin.wait_until(step_input, started)
-    except actions.StepError as exc:
-        return StepOutcome(
-            "error", input=step_input, error=exc.to_dict(), started_at=started, completed_at=utcnow()
-        )
-    if due <= started:
-        return StepOutcome(
-            "success", input=step_input, output={"delayedMs": 0}, started_at=started, completed_at=utcnow()
-        )
-    return StepOutcome("waiting", input=step_input, started_at=started, wait_until=due)
+        return services.is_cancel_requested(run_id)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        return False
 
 
-def execute_step(services: Services, run_id: str, step_id: str, attempt: int) -> None:
+def execute_step(
+    services: Services,
+    leases: LeaseHeartbeat,
+    time_limit: StepTimeLimit,
+    run_id: str,
+    step_id: str,
+    attempt: int,
+) -> None:
     """Handle one ``execute_step`` message: claim, execute, record, and chain inline."""
-    if services.is_cancel_requested(run_id):
+    if cancel_seen(services, run_id):
         return
-    claim = engine.claim_step(services, run_id, step_id, attempt)
+    claim = engine.claim_step(services, run_id, step_id, attempt)  # an outage here: the message is retried
     while claim is not None:
-        outcome = execute(claim)
-        nxt = engine.record_result(services, claim, outcome)
+        leases.hold(claim)
+        try:
+            outcome = execute(claim, time_limit)
+            outcome.completed_at = outcome.completed_at or utcnow()
+            nxt = persist(engine.record_result, services, claim, outcome)
+        finally:
+            leases.release(claim)
         claim = nxt.claim
-        if claim is not None and services.is_cancel_requested(run_id):
-            engine.release_claim(services, claim)
+        if claim is not None and cancel_seen(services, run_id):
+            persist(engine.release_claim, services, claim)
             return

@@ -1,18 +1,19 @@
-"""Entry module for ``dramatiq workers.main``: set the broker first, then import the actors."""
+"""Entry module of a worker process: set the broker first, then import the actors."""
 
 from __future__ import annotations
 
 import dramatiq
 
+import workers.actions  # noqa: F401  (registers the built-in actions)
 from app.config import Config
-from app.runtime import build_services, configure_logging
+from app.services import build_services, configure_logging
+from workers.middleware import ProcessServices
 
 config = Config.from_env()
 configure_logging(config)
 services = build_services(config, pool_size=16)
 broker = services.queue.broker
+broker.add_middleware(ProcessServices(services))
 dramatiq.set_broker(broker)
 
-from workers import actors  # noqa: E402  (must follow set_broker)
-
-actors.configure(services)
+from workers import actors  # noqa: E402,F401  (must follow set_broker)

@@ -10,7 +10,8 @@ import uuid
 from typing import Any
 
 from app import schedules
-from app.engine import Services, sweep
+from app.engine import sweep
+from app.services import Services
 
 logger = logging.getLogger("baton.scheduler")
 LOCK_TTL_MS = 5_000
@@ -86,7 +87,7 @@ class Scheduler:
 
 def main() -> None:
     from app.config import Config
-    from app.runtime import build_services, configure_logging
+    from app.services import build_services, configure_logging
 
     config = Config.from_env()
     configure_logging(config)

@@ -7,6 +7,7 @@ from typing import Any
 from marshmallow import RAISE, Schema, fields, validate
 
 from api.schemas.common import AnyJSON, Timestamp, envelope
+from app.engine.states import attempt_made
 from app.ids import WORKFLOW_ID
 from models import RUN_STATUSES
 
@@ -133,9 +134,6 @@ RestartEnvelope = envelope("RestartEnvelope", RestartResultSchema)
 
 def step_view(row: Any) -> dict[str, Any]:
     """A step row as the spec shows it; ``attempt`` is the number of the last attempt made."""
-    attempt = row.attempt
-    if getattr(row, "status", None) == "queued" and attempt > 1:
-        attempt -= 1  # waiting for a retry: the last attempt made is the previous one
     view = {
         "step_id": row.step_id,
         "status": row.status,
@@ -145,7 +143,7 @@ def step_view(row: Any) -> dict[str, Any]:
         "input": row.input,
         "output": row.output,
         "error": row.error,
-        "attempt": attempt,
+        "attempt": attempt_made(row.status, row.attempt),
     }
     if getattr(row, "reused", False):
         view["reused"] = True  # only on copied steps, so ordinary results keep the spec's exact shape

@@ -159,8 +159,10 @@ def test_broker_down_at_trigger_loses_nothing(
     worker, config, services, client, headers, make_workflow, wait_run
 ):
     """A trigger whose enqueue fails still answers 202; the sweep resends the message later."""
-    from app.engine import Services, trigger_run
+    from app.engine import trigger_run
+    from app.engine.states import STUCK_AFTER
     from app.queue import StepQueue, make_broker
+    from app.services import Services
 
     wid = make_workflow([{"id": "a", "action": "transform", "input": {"ok": True}}])
     dead = config.with_overrides(redis_url="redis://127.0.0.1:1/0")  # nothing listens on port 1
@@ -177,6 +179,6 @@ def test_broker_down_at_trigger_loses_nothing(
     assert created
     time.sleep(0.3)
     assert client.get(f"/api/v1/runs/{run.id}", headers=headers).get_json()["data"]["status"] == "pending"
-    later = utcnow() + engine.STUCK_QUEUED + timedelta(seconds=1)
+    later = utcnow() + STUCK_AFTER + timedelta(seconds=1)
     assert engine.sweep(services, now=later)["requeued"] >= 1
     assert wait_run(run.id)["status"] == "completed"

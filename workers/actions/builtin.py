@@ -1,16 +1,15 @@
-"""Built-in actions: ``http.request``, ``transform`` and ``fail``."""
+"""Built-in actions that run in the worker thread: ``http.request``, ``transform`` and ``fail``."""
 
 from __future__ import annotations
 
 import threading
-from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 import requests
 
+from app.actions import ActionContext, StepError, action
 from app.timeutil import utcnow
-from workers.actions import ActionContext, StepError, action
 
 _RETRIABLE_STATUS = {408, 429}
 _local = threading.local()
@@ -99,35 +98,3 @@ def fail(ctx: ActionContext, params: Any) -> Any:
         str(params.get("message") or "Step failed"),
         retriable=bool(params.get("retriable", False)),
     )
-
-
-@action("delay")
-def delay(ctx: ActionContext, params: Any) -> Any:
-    """Waits ``durationMs`` or ``until`` an ISO time; the executor parks the step (see ``wait_until``)."""
-    raise StepError("INVALID_USE", "delay is handled by the executor")
-
-
-@action("approval")
-def approval(ctx: ActionContext, params: Any) -> Any:
-    """Suspends the run until ``POST /runs/:id/resume``; the executor parks the step."""
-    raise StepError("INVALID_USE", "approval is handled by the executor")
-
-
-def wait_until(params: Any, now: datetime) -> datetime:
-    """When a ``delay`` step is due: ``{"durationMs": n}`` or ``{"until": "2024-01-15T10:30:00Z"}``."""
-    if not isinstance(params, dict):
-        raise StepError("INVALID_INPUT", "delay needs an object input with durationMs or until")
-    if "durationMs" in params:
-        duration = params["durationMs"]
-        if isinstance(duration, bool) or not isinstance(duration, (int, float)) or duration < 0:
-            raise StepError("INVALID_INPUT", "delay durationMs must be a non-negative number")
-        return now + timedelta(milliseconds=duration)
-    if "until" in params:
-        try:
-            until = datetime.fromisoformat(str(params["until"]).replace("Z", "+00:00"))
-        except ValueError as exc:
-            raise StepError(
-                "INVALID_INPUT", f"delay until is not an ISO 8601 time: {params['until']!r}"
-            ) from exc
-        return until if until.tzinfo else until.replace(tzinfo=timezone.utc)
-    raise StepError("INVALID_INPUT", "delay needs durationMs or until")

@@ -1,0 +1,114 @@
+"""Operator control of a live run: cancel (DESIGN §5.5) and answering an approval (resume)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.engine import transitions as move
+from app.engine.execution import complete_run
+from app.engine.reads import definition_for, lock_company_run, step_runs
+from app.engine.states import RUN_CANCELLABLE, STEP_FINISHED
+from app.engine.trigger import send_or_leave_to_sweep
+from app.engine.types import Claim
+from app.errors import InvalidState
+from app.services import Services
+from app.timeutil import duration_ms, utcnow
+from models import Run, StepRun
+from models.states import RunStatus, StepStatus
+
+R, S = RunStatus, StepStatus
+APPROVAL_REJECTED = {"code": "APPROVAL_REJECTED", "message": "Approval was rejected"}
+
+
+def cancel_run(services: Services, company_id: str, run_id: str) -> Run:
+    """Pending, running or suspended → cancelled; steps not reached become skipped."""
+    with services.db.session() as session:
+        run = lock_company_run(session, company_id, run_id)
+        if run.status not in RUN_CANCELLABLE:
+            raise InvalidState("Can only cancel running or pending runs")
+        move.end_run(session, run, R.CANCELLED, utcnow())
+        session.commit()
+    services.request_cancel(run.id)
+    return run
+
+
+def resume_run(services: Services, company_id: str, run_id: str, approved: bool, data: Any) -> Run:
+    """Answer a suspended run's approval: continue with ``data`` as the step output, or fail it."""
+    with services.db.session() as session:
+        run = lock_company_run(session, company_id, run_id)
+        row = _waiting_approval(session, run)
+        now = utcnow()
+        status = S.SUCCESS if approved else S.ERROR
+        error = None if approved else APPROVAL_REJECTED
+        output = data if approved else None
+        move.move_step(
+            session,
+            row,
+            status,
+            output=output,
+            error=error,
+            completed_at=now,
+            duration_ms=duration_ms(row.started_at, now),
+        )
+        move.log_attempt(
+            session, row, status, row.started_at, now, step_input=row.input, output=output, error=error
+        )
+        if not approved:
+            move.skip_after(session, run.id, row.position, now)
+            move.finish_run(session, run, R.FAILED, now, error=error)
+            session.commit()
+            return run
+        enqueue = _continue_after(session, run, row, now)
+        session.commit()
+    if enqueue:
+        send_or_leave_to_sweep(services, *enqueue)
+    return run
+
+
+def _waiting_approval(session: Session, run: Run) -> StepRun:
+    if run.status != R.SUSPENDED:
+        raise InvalidState("Can only resume suspended runs")
+    row = (
+        session.execute(
+            select(StepRun)
+            .where(StepRun.run_id == run.id, StepRun.status == S.WAITING)
+            .order_by(StepRun.position)
+        )
+        .scalars()
+        .first()
+    )
+    if row is None:
+        raise InvalidState("Can only resume suspended runs")
+    return row
+
+
+def _continue_after(session: Session, run: Run, row: StepRun, now: datetime) -> tuple[str, str, int] | None:
+    """After an approval: queue the next step, or complete the run when the approval was last."""
+    definition = definition_for(session, run.workflow_id, run.workflow_version)
+    position = row.position + 1
+    if position < len(definition["steps"]):
+        move.reopen_run(session, run)
+        next_id = definition["steps"][position]["id"]
+        move.queue_pending(session, run.id, next_id, now)
+        return (run.id, next_id, 1)
+    claim = Claim(
+        run_id=run.id,
+        workflow_id=run.workflow_id,
+        trigger_type=run.trigger_type,
+        run_input=run.input,
+        definition=definition,
+        position=row.position,
+        attempt=row.attempt,
+        started_at=row.started_at or now,
+        results={
+            r.step_id: {"output": r.output, "status": r.status}
+            for r in step_runs(session, run.id)
+            if r.status in STEP_FINISHED
+        },
+    )
+    complete_run(session, run, claim, now)
+    return None

@@ -1,0 +1,264 @@
+"""Execution: claim a step, then record its outcome — one small function per outcome (chain,
+retry, fail, complete, park) — claiming the next step in the same transaction (DESIGN §5.2–5.4)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from app import templating
+from app.engine import statements as sql
+from app.engine import transitions as move
+from app.engine.reads import definition_for, lock_run, step_runs
+from app.engine.retry import RetryPolicy
+from app.engine.states import LEASE, LEASE_GRACE, RUN_EXECUTING, STEP_FINISHED
+from app.engine.trigger import send_or_leave_to_sweep
+from app.engine.types import Claim, Next, Outcome
+from app.services import Services
+from app.timeutil import duration_ms, utcnow
+from models import Run
+from models.states import RunStatus, StepStatus
+
+R, S = RunStatus, StepStatus
+
+
+def lease_until(claim_started: datetime, step: dict[str, Any], now: datetime) -> datetime:
+    """A lease runs LEASE past the last heartbeat, never past the step's timeoutMs + LEASE_GRACE."""
+    hard = claim_started + timedelta(milliseconds=step["timeoutMs"]) + LEASE_GRACE
+    return min(now + LEASE, hard)
+
+
+def claim_step(services: Services, run_id: str, step_id: str, attempt: int) -> Claim | None:
+    """Take a queued (or due, waiting) step; None when the message is stale or the run is not active."""
+    with services.db.session() as session:
+        run = lock_run(session, run_id, with_input=True)
+        if run is None or run.status not in RUN_EXECUTING:
+            return None
+        now = utcnow()
+        if run.deadline_at is not None and run.deadline_at <= now:
+            move.end_run(session, run, R.TIMEOUT, now, error=move.RUN_TIMEOUT)
+            session.commit()
+            services.request_cancel(run.id)
+            return None
+        definition = definition_for(session, run.workflow_id, run.workflow_version)
+        rows = step_runs(session, run_id)
+        target = next((r for r in rows if r.step_id == step_id), None)
+        if target is None or target.attempt != attempt:
+            return None
+        due = target.status == S.WAITING and target.queued_at is not None and target.queued_at <= now
+        if target.status != S.QUEUED and not due:
+            return None
+        started = target.started_at if due else now
+        values: dict[str, Any] = {
+            "lease_expires_at": lease_until(now, definition["steps"][target.position], now)
+        }
+        if not due:
+            values.update(started_at=now, completed_at=None, duration_ms=None)
+        if not move.claim_step(session, target, values):
+            session.rollback()
+            return None
+        if run.status == R.PENDING:
+            move.start_run(session, run, now)
+        session.commit()
+    return Claim(
+        run_id=run.id,
+        workflow_id=run.workflow_id,
+        trigger_type=run.trigger_type,
+        run_input=run.input,
+        definition=definition,
+        position=target.position,
+        attempt=attempt,
+        started_at=started or now,
+        results={
+            r.step_id: {"output": r.output, "status": r.status} for r in rows if r.status in STEP_FINISHED
+        },
+        resumed_input=target.input if due else None,
+        waited_since=target.started_at if due else None,
+    )
+
+
+def release_claim(services: Services, claim: Claim) -> None:
+    """A claimed step that must not run after all (cancel seen before it started): skip it."""
+    with services.db.session() as session:
+        move.update_claimed(session, claim, S.SKIPPED, completed_at=utcnow(), lease_expires_at=None)
+        session.commit()
+
+
+def renew_leases(services: Services, held: Iterable[tuple[Claim, datetime]]) -> int:
+    """The heartbeat: extend the leases of the steps this process is executing."""
+    now = utcnow()
+    params = [
+        {
+            "b_run": c.run_id,
+            "b_step": c.step_id,
+            "b_attempt": c.attempt,
+            "lease": lease_until(started, c.step, now),
+        }
+        for c, started in held
+    ]
+    if not params:
+        return 0
+    with services.db.session() as session:
+        session.execute(sql.RENEW_LEASE, params)
+        session.commit()
+    return len(params)
+
+
+def record_result(services: Services, claim: Claim, outcome: Outcome) -> Next:
+    """Record one attempt and decide what follows; the common case chains without a run lock."""
+    now = outcome.completed_at or utcnow()
+    outcome.started_at = outcome.started_at or claim.started_at
+    policy = RetryPolicy.of(claim.step)
+    finished_ok = outcome.status in (S.SUCCESS, S.SKIPPED)
+    with services.db.session() as session:
+        if finished_ok and not claim.is_last:
+            nxt = _chain(session, claim, outcome, now)
+        else:
+            run = lock_run(session, claim.run_id)
+            if run is None:
+                return Next()
+            if outcome.status == S.WAITING:
+                nxt = _park(session, run, claim, outcome, now)
+            elif outcome.status == S.ERROR and outcome.retriable and not policy.exhausted(claim.attempt):
+                nxt = _retry(session, run, claim, outcome, now, policy)
+            elif outcome.status == S.ERROR:
+                nxt = _fail(session, run, claim, outcome, now)
+            else:
+                nxt = _complete(session, run, claim, outcome, now)
+        if nxt is None:
+            session.rollback()  # someone else recorded this attempt (a duplicate delivery); theirs stands
+            return Next()
+        session.commit()
+    if nxt.enqueue is not None:
+        send_or_leave_to_sweep(services, *nxt.enqueue)
+    return nxt
+
+
+def _record(session: Session, claim: Claim, outcome: Outcome, to: StepStatus, now: datetime) -> bool:
+    """The step row and its attempt log, for a finished attempt."""
+    finished = to in STEP_FINISHED
+    recorded = move.record(
+        session,
+        claim,
+        to,
+        input=outcome.input,
+        output=outcome.output,
+        error=outcome.error,
+        started_at=outcome.started_at,
+        completed_at=now if finished else None,
+        duration_ms=duration_ms(outcome.started_at, now) if finished else None,
+    )
+    if recorded:
+        status = outcome.status if outcome.status != S.WAITING else S.SUCCESS
+        move.log_attempt(
+            session,
+            claim,
+            status,
+            outcome.started_at,
+            now,
+            step_input=outcome.input,
+            output=outcome.output,
+            error=outcome.error,
+        )
+    return recorded
+
+
+def _chain(session: Session, claim: Claim, outcome: Outcome, now: datetime) -> Next | None:
+    """Step done, another follows: record it and claim the next one, in one transaction."""
+    if not _record(session, claim, outcome, outcome.status, now):
+        return None
+    claim.results[claim.step_id] = {"output": outcome.output, "status": outcome.status}
+    position = claim.position + 1
+    lease = lease_until(now, claim.definition["steps"][position], now)
+    if not move.claim_next(session, claim, position, now, lease):
+        return Next()  # the run ended meanwhile (cancel, timeout): nothing follows
+    follow = Claim(
+        run_id=claim.run_id,
+        workflow_id=claim.workflow_id,
+        trigger_type=claim.trigger_type,
+        run_input=claim.run_input,
+        definition=claim.definition,
+        position=position,
+        attempt=1,
+        started_at=now,
+        results=claim.results,
+    )
+    return Next(claim=follow)
+
+
+def _retry(
+    session: Session, run: Run, claim: Claim, outcome: Outcome, now: datetime, policy: RetryPolicy
+) -> Next | None:
+    """A retriable failure with attempts left: the next attempt comes back after its back-off."""
+    if run.status != R.RUNNING:
+        # Cancelled or timed out while the attempt ran: its error stands, nothing follows.
+        return Next() if _record(session, claim, outcome, S.ERROR, now) else None
+    if not _record(session, claim, outcome, S.QUEUED, now):
+        return None
+    delay = policy.delay_ms(claim.attempt, outcome.retry_after_ms)
+    session.execute(
+        sql.update_steps()
+        .where(sql.STEPS.c.run_id == claim.run_id, sql.STEPS.c.step_id == claim.step_id)
+        .values(attempt=claim.attempt + 1, queued_at=now + timedelta(milliseconds=delay))
+    )
+    return Next(enqueue=(claim.run_id, claim.step_id, claim.attempt + 1, delay))
+
+
+def _fail(session: Session, run: Run, claim: Claim, outcome: Outcome, now: datetime) -> Next | None:
+    """The step failed for good: the run fails with STEP_ERROR and the step's message."""
+    if not _record(session, claim, outcome, S.ERROR, now):
+        return None
+    if run.status == R.RUNNING:
+        move.skip_after(session, claim.run_id, claim.position, now)
+        error = {"code": "STEP_ERROR", "message": (outcome.error or {}).get("message", "Step failed")}
+        move.finish_run(session, run, R.FAILED, now, error=error)
+    return Next()
+
+
+def _complete(session: Session, run: Run, claim: Claim, outcome: Outcome, now: datetime) -> Next | None:
+    """The last step succeeded (or was skipped): the run completes with its output."""
+    if not _record(session, claim, outcome, outcome.status, now):
+        return None
+    if run.status == R.RUNNING:
+        claim.results[claim.step_id] = {"output": outcome.output, "status": outcome.status}
+        complete_run(session, run, claim, now)
+    return Next()
+
+
+def complete_run(session: Session, run: Run, claim: Claim, now: datetime) -> None:
+    """The run's output: the ``output`` mapping, or the last executed step's output."""
+    mapping = claim.definition.get("output")
+    if mapping is None:
+        ran = [r for r in (claim.results.get(s["id"]) for s in claim.definition["steps"]) if r]
+        succeeded = [r for r in ran if r["status"] == S.SUCCESS]
+        move.finish_run(session, run, R.COMPLETED, now, output=succeeded[-1]["output"] if succeeded else None)
+        return
+    try:
+        output = templating.render(mapping, claim.template_context(), "output")
+    except templating.TemplateError as exc:
+        move.finish_run(session, run, R.FAILED, now, error={"code": "OUTPUT_ERROR", "message": str(exc)})
+        return
+    move.finish_run(session, run, R.COMPLETED, now, output=output)
+
+
+def _park(session: Session, run: Run, claim: Claim, outcome: Outcome, now: datetime) -> Next | None:
+    """A delay or an approval: the step waits in the database, holding no worker thread."""
+    park = outcome.park
+    assert park is not None
+    if run.status != R.RUNNING:
+        # The run ended while the step was being claimed: it never starts waiting.
+        ok = move.update_claimed(session, claim, S.SKIPPED, completed_at=now, lease_expires_at=None)
+        return Next() if ok else None
+    values = {"input": outcome.input, "started_at": outcome.started_at, "queued_at": park.until}
+    if not move.update_claimed(session, claim, S.WAITING, lease_expires_at=None, **values):
+        return None
+    if park.suspend:
+        move.suspend_run(session, run)
+        return Next()
+    if park.until is None:
+        return Next()
+    delay = max(0, int((park.until - now).total_seconds() * 1000))
+    return Next(enqueue=(claim.run_id, claim.step_id, claim.attempt, delay))

@@ -1,0 +1,86 @@
+"""Reads shared by the API, the CLI and the engine: runs, steps, attempts, workflow versions."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.engine import statements as sql
+from app.errors import NotFound
+from app.ids import WORKFLOW_ID
+from models import Run, StepAttempt, StepRun, Workflow, WorkflowVersion
+
+_definitions: dict[tuple[str, int], dict[str, Any]] = {}
+_definitions_lock = threading.Lock()
+
+
+def definition_for(session: Session, workflow_id: str, version: int) -> dict[str, Any]:
+    """Versions are immutable, so each process caches them forever."""
+    key = (workflow_id, version)
+    cached = _definitions.get(key)
+    if cached is not None:
+        return cached
+    definition = session.execute(
+        select(WorkflowVersion.definition).where(
+            WorkflowVersion.workflow_id == workflow_id, WorkflowVersion.version == version
+        )
+    ).scalar_one()
+    with _definitions_lock:
+        _definitions[key] = definition
+    return definition
+
+
+def get_workflow(session: Session, company_id: str, workflow_id: str, *, lock: bool = False) -> Workflow:
+    if not WORKFLOW_ID.match(workflow_id):
+        raise NotFound("Workflow not found")
+    query = select(Workflow).where(Workflow.id == workflow_id)
+    workflow = session.execute(query.with_for_update() if lock else query).scalar_one_or_none()
+    if workflow is None or workflow.company_id != company_id or workflow.deleted_at is not None:
+        raise NotFound("Workflow not found")
+    return workflow
+
+
+def get_run(session: Session, company_id: str, run_id: str) -> Run:
+    run = session.get(Run, run_id)
+    if run is None or run.company_id != company_id:
+        raise NotFound("Run not found")
+    return run
+
+
+def lock_run(session: Session, run_id: str, *, with_input: bool = False) -> Run | None:
+    """Lock the run row; its JSON input and output stay unloaded unless asked for (hot path)."""
+    query = sql.LOCK_RUN if with_input else sql.LOCK_RUN_LEAN
+    return session.execute(query, {"run_id": run_id}).scalar_one_or_none()
+
+
+def lock_company_run(session: Session, company_id: str, run_id: str) -> Run:
+    """Lock a run of this company, or 404."""
+    run = lock_run(session, run_id, with_input=True)
+    if run is None or run.company_id != company_id:
+        raise NotFound("Run not found")
+    return run
+
+
+def step_runs(session: Session, run_id: str) -> list[StepRun]:
+    return list(
+        session.execute(select(StepRun).where(StepRun.run_id == run_id).order_by(StepRun.position)).scalars()
+    )
+
+
+def step_row(session: Session, run_id: str, step_id: str) -> StepRun:
+    return session.execute(
+        select(StepRun).where(StepRun.run_id == run_id, StepRun.step_id == step_id)
+    ).scalar_one()
+
+
+def step_attempts(session: Session, run_id: str) -> list[StepAttempt]:
+    return list(
+        session.execute(
+            select(StepAttempt)
+            .where(StepAttempt.run_id == run_id)
+            .order_by(StepAttempt.position, StepAttempt.attempt, StepAttempt.id)
+        ).scalars()
+    )

@@ -1,0 +1,187 @@
+"""Recovery sweeps (DESIGN §5.7): one function per owner of a non-final state (``states.OWNERS``).
+
+Each is idempotent and safe with two schedulers: it re-reads the row under its run's lock and
+moves it through ``transitions`` (compare-and-set), so a racing worker or sweeper wins or loses
+cleanly. A re-sent message is harmless: a claim takes only the attempt it names.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import datetime
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from app.engine import statements as sql
+from app.engine import transitions as move
+from app.engine.reads import definition_for, lock_run, step_row
+from app.engine.retry import RetryPolicy
+from app.engine.states import RUN_ACTIVE, RUN_EXECUTING, STUCK_AFTER
+from app.services import Services
+from app.timeutil import duration_ms, utcnow
+from models import Run, StepRun
+from models.states import RunStatus, StepStatus
+
+logger = logging.getLogger("baton.sweeps")
+R, S = RunStatus, StepStatus
+BATCH = 500
+WORKER_LOST = {"code": "WORKER_LOST", "message": "The worker executing this step stopped"}
+APPROVAL_TIMEOUT = {"code": "APPROVAL_TIMEOUT", "message": "No approval before the step's timeoutMs"}
+
+
+def sweep(services: Services, now: datetime | None = None) -> dict[str, int]:
+    """One pass of every sweep."""
+    now = now or utcnow()
+    with services.db.session() as session:
+        return {
+            "resent": sweep_broker_restart(services, session, now),
+            "timedOut": sweep_timeouts(services, session, now),
+            "approvalsExpired": sweep_approvals(session, now),
+            "requeued": sweep_lost_messages(services, session, now),
+            "leasesExpired": sweep_dead_workers(services, session, now),
+        }
+
+
+def sweep_timeouts(services: Services, session: Session, now: datetime) -> int:
+    """Runs past their deadline end ``timeout``, even when no worker is looking at them."""
+    overdue = session.execute(
+        select(Run.id).where(Run.status.in_(sorted(RUN_ACTIVE)), Run.deadline_at <= now).limit(BATCH)
+    ).scalars()
+    count = 0
+    for run_id in list(overdue):
+        run = lock_run(session, run_id)
+        if run is not None and run.status in RUN_ACTIVE:
+            count += move.end_run(session, run, R.TIMEOUT, now, error=move.RUN_TIMEOUT)
+        session.commit()
+        services.request_cancel(run_id)
+    return count
+
+
+def sweep_approvals(session: Session, now: datetime) -> int:
+    """Approvals past their ``timeoutMs`` fail the run with APPROVAL_TIMEOUT."""
+    expired = session.execute(
+        select(StepRun.run_id, StepRun.step_id)
+        .join(Run, Run.id == StepRun.run_id)
+        .where(Run.status == R.SUSPENDED, StepRun.status == S.WAITING, StepRun.queued_at <= now)
+        .limit(BATCH)
+    ).all()
+    count = 0
+    for run_id, step_id in expired:
+        run = lock_run(session, run_id)
+        row = step_row(session, run_id, step_id)
+        if run is not None and run.status == R.SUSPENDED and row.status == S.WAITING:
+            _fail_step(session, run, row, APPROVAL_TIMEOUT, now, "APPROVAL_TIMEOUT")
+            count += 1
+        session.commit()
+    return count
+
+
+def sweep_lost_messages(
+    services: Services, session: Session, now: datetime, *, since: datetime | None = None
+) -> int:
+    """Queued steps, and due delays, with no progress for STUCK_AFTER: their message was lost
+    (an enqueue that failed after its commit, Redis restarted empty). Each is sent again.
+
+    ``since``: re-send every such step queued or due before it (a broker restart), not only
+    the stuck ones; a delay not yet due goes back as a delayed message.
+    """
+    cutoff = since or now - STUCK_AFTER
+    queued = (StepRun.status == S.QUEUED) & Run.status.in_(sorted(RUN_EXECUTING))
+    waiting = (StepRun.status == S.WAITING) & (Run.status == R.RUNNING) & StepRun.queued_at.is_not(None)
+    where = [or_(queued, waiting)]
+    if since is None:
+        where.append(StepRun.queued_at <= cutoff)
+    count, after = 0, 0
+    while True:
+        lost = session.execute(
+            select(StepRun.id, StepRun.run_id, StepRun.step_id, StepRun.attempt, StepRun.queued_at)
+            .join(Run, Run.id == StepRun.run_id)
+            .where(*where, StepRun.id > after)
+            .order_by(StepRun.id)
+            .limit(BATCH)
+        ).all()
+        for row_id, run_id, step_id, attempt, due in lost:
+            delay = max(0, int((due - now).total_seconds() * 1000)) if due else 0
+            services.queue.enqueue(run_id, step_id, attempt, delay)
+            if delay == 0:
+                session.execute(sql.update_steps().where(StepRun.id == row_id).values(queued_at=now))
+        session.commit()
+        count += len(lost)
+        if len(lost) < BATCH or since is None:
+            return count
+        after = lost[-1][0]
+
+
+def sweep_broker_restart(services: Services, session: Session, now: datetime) -> int:
+    """Redis restarted empty (its epoch key is gone): every queued step and parked delay lost its
+    message at once, so all are sent again now rather than STUCK_AFTER later."""
+    if not services.redis.set(services.key("epoch"), uuid.uuid4().hex, nx=True):
+        return 0
+    count = sweep_lost_messages(services, session, now, since=now)
+    if count:
+        logger.warning("the broker's Redis is new or was restarted: re-sent %d step message(s)", count)
+    return count
+
+
+def sweep_dead_workers(services: Services, session: Session, now: datetime) -> int:
+    """A step whose lease expired (its worker died) gets a new attempt, or fails with WORKER_LOST."""
+    lost = session.execute(
+        select(StepRun.run_id, StepRun.step_id)
+        .where(StepRun.status == S.RUNNING, StepRun.lease_expires_at <= now)
+        .limit(BATCH)
+    ).all()
+    count = 0
+    for run_id, step_id in lost:
+        run = lock_run(session, run_id)
+        row = step_row(session, run_id, step_id)
+        if run is None or row.status != S.RUNNING or row.lease_expires_at > now:
+            session.rollback()
+            continue
+        enqueue = _recover_lost_step(session, run, row, now)
+        session.commit()
+        if enqueue:
+            services.queue.enqueue(run_id, step_id, row.attempt)
+        count += 1
+    return count
+
+
+def _recover_lost_step(session: Session, run: Run, row: StepRun, now: datetime) -> bool:
+    """A new attempt when the policy allows one (True: send it), else the step fails."""
+    definition = definition_for(session, run.workflow_id, run.workflow_version)
+    policy = RetryPolicy.of(definition["steps"][row.position])
+    if run.status == R.RUNNING and not policy.exhausted(row.attempt):
+        move.log_attempt(session, row, S.ERROR, row.started_at, now, step_input=row.input, error=WORKER_LOST)
+        return move.move_step(
+            session, row, S.QUEUED, attempt=row.attempt + 1, queued_at=now, lease_expires_at=None
+        )
+    if run.status == R.RUNNING:
+        _fail_step(session, run, row, WORKER_LOST, now, "STEP_ERROR")
+        return False
+    # The run already ended (cancelled, timed out): the step's outcome is recorded as lost.
+    move.log_attempt(session, row, S.ERROR, row.started_at, now, step_input=row.input, error=WORKER_LOST)
+    _end_step(session, row, WORKER_LOST, now)
+    return False
+
+
+def _end_step(session: Session, row: StepRun, error: dict[str, str], now: datetime) -> None:
+    move.move_step(
+        session,
+        row,
+        S.ERROR,
+        error=error,
+        completed_at=now,
+        duration_ms=duration_ms(row.started_at, now),
+        lease_expires_at=None,
+    )
+
+
+def _fail_step(
+    session: Session, run: Run, row: StepRun, error: dict[str, str], now: datetime, code: str
+) -> None:
+    """End a step in error, log the attempt, skip what follows and fail the run."""
+    move.log_attempt(session, row, S.ERROR, row.started_at, now, step_input=row.input, error=error)
+    _end_step(session, row, error, now)
+    move.skip_after(session, run.id, row.position, now)
+    move.finish_run(session, run, R.FAILED, now, error={"code": code, "message": error["message"]})

@@ -1,0 +1,202 @@
+"""One function per transition: the only code that writes a run's or a step's status.
+
+Each is a compare-and-set from the legal sources in ``states`` (``UPDATE … WHERE status IN …``)
+and returns whether it applied; a caller that asks for a move the table does not allow gets
+``IllegalTransition``. Callers hold the run row's lock where they need a consistent run status
+(cancel, finish, park); chaining to the next step needs none (see ``statements.CLAIM_NEXT``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
+
+from app.engine import statements as sql
+from app.engine.states import check_run_move, check_step_move, run_sources, step_sources
+from app.engine.types import Claim
+from app.timeutil import duration_ms
+from models import Run, StepRun
+from models.states import RunStatus, StepStatus
+
+R, S = RunStatus, StepStatus
+
+# --------------------------------------------------------------------------- runs
+
+
+def move_run(session: Session, run: Run, to: RunStatus, **values: Any) -> bool:
+    """``run`` (read under its lock) → ``to``; the loaded object follows the row."""
+    check_run_move(run.status, to)
+    changed = session.execute(
+        sql.update_runs().where(Run.id == run.id, Run.status.in_(run_sources(to))).values(status=to, **values)
+    ).rowcount
+    if changed != 1:
+        return False
+    for name, value in {"status": to, **values}.items():
+        set_committed_value(run, name, value)
+    return True
+
+
+def start_run(session: Session, run: Run, now: datetime) -> bool:
+    return move_run(session, run, R.RUNNING, started_at=now)
+
+
+def suspend_run(session: Session, run: Run) -> bool:
+    return move_run(session, run, R.SUSPENDED)
+
+
+def reopen_run(session: Session, run: Run) -> bool:
+    """A suspended run goes on (its approval was granted)."""
+    return move_run(session, run, R.RUNNING)
+
+
+def finish_run(
+    session: Session, run: Run, to: RunStatus, now: datetime, *, output: Any = None, error: Any = None
+) -> bool:
+    """Completed, failed, cancelled or timed out: the run's end, with its duration."""
+    return move_run(
+        session,
+        run,
+        to,
+        completed_at=now,
+        duration_ms=duration_ms(run.started_at, now),
+        output=output,
+        error=error,
+    )
+
+
+RUN_TIMEOUT = {"code": "RUN_TIMEOUT", "message": "Run exceeded its timeoutMs"}
+
+
+def end_run(session: Session, run: Run, to: RunStatus, now: datetime, *, error: Any = None) -> bool:
+    """Cancel or time out a run: it ends now and its steps not started are skipped."""
+    if not finish_run(session, run, to, now, error=error):
+        return False
+    skip_unreached(session, run.id, now)
+    return True
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def claim_step(session: Session, row: StepRun, values: dict[str, Any]) -> bool:
+    """A queued step (or a due waiting one) → running, for the attempt the message names."""
+    check_step_move(row.status, S.RUNNING)
+    return (
+        session.execute(
+            sql.update_steps()
+            .where(StepRun.id == row.id, StepRun.status == row.status, StepRun.attempt == row.attempt)
+            .values(status=S.RUNNING, **values)
+        ).rowcount
+        == 1
+    )
+
+
+def claim_next(session: Session, claim: Claim, position: int, now: datetime, lease: datetime) -> bool:
+    """The step after ``claim`` (pending) → running, only while the run is still running."""
+    params = {"b_run": claim.run_id, "b_step": claim.definition["steps"][position]["id"]}
+    return session.execute(sql.CLAIM_NEXT, {**params, "now": now, "lease": lease}).rowcount == 1
+
+
+def record(session: Session, claim: Claim, to: StepStatus, **values: Any) -> bool:
+    """The claimed attempt (running) → ``to``: its result, or ``queued`` for a retry."""
+    check_step_move(S.RUNNING, to)
+    params = {"b_run": claim.run_id, "b_step": claim.step_id, "b_attempt": claim.attempt}
+    defaults = {"input": None, "output": None, "error": None, "completed_at": None, "duration_ms": None}
+    return session.execute(sql.RECORD, {**params, **defaults, **values, "status": to}).rowcount == 1
+
+
+def update_claimed(session: Session, claim: Claim, to: StepStatus, **values: Any) -> bool:
+    """The claimed attempt (running) → ``to`` with arbitrary columns (parking, releasing)."""
+    check_step_move(S.RUNNING, to)
+    return (
+        session.execute(
+            sql.update_steps()
+            .where(
+                StepRun.run_id == claim.run_id,
+                StepRun.step_id == claim.step_id,
+                StepRun.status == S.RUNNING,
+                StepRun.attempt == claim.attempt,
+            )
+            .values(status=to, **values)
+        ).rowcount
+        == 1
+    )
+
+
+def move_step(session: Session, row: StepRun, to: StepStatus, **values: Any) -> bool:
+    """A step row (read under its run's lock) → ``to``; the loaded object follows the row."""
+    check_step_move(row.status, to)
+    changed = session.execute(
+        sql.update_steps()
+        .where(StepRun.id == row.id, StepRun.status == row.status, StepRun.attempt == row.attempt)
+        .values(status=to, **values)
+    ).rowcount
+    if changed != 1:
+        return False
+    for name, value in {"status": to, **values}.items():
+        set_committed_value(row, name, value)
+    return True
+
+
+def queue_pending(session: Session, run_id: str, step_id: str, now: datetime) -> bool:
+    """A pending step → queued as attempt 1 (the step before it was approved)."""
+    return (
+        session.execute(
+            sql.update_steps()
+            .where(StepRun.run_id == run_id, StepRun.step_id == step_id, StepRun.status == S.PENDING)
+            .values(status=S.QUEUED, attempt=1, queued_at=now)
+        ).rowcount
+        == 1
+    )
+
+
+def skip_after(session: Session, run_id: str, position: int, now: datetime) -> None:
+    """Steps after ``position`` that never started will not run."""
+    session.execute(
+        sql.update_steps()
+        .where(StepRun.run_id == run_id, StepRun.position > position, StepRun.status == S.PENDING)
+        .values(status=S.SKIPPED, completed_at=now)
+    )
+
+
+def skip_unreached(session: Session, run_id: str, now: datetime) -> None:
+    """On cancel or timeout: every step not started is skipped (a running one records its result)."""
+    sources = [s for s in step_sources(S.SKIPPED) if s != S.RUNNING]
+    session.execute(
+        sql.update_steps()
+        .where(StepRun.run_id == run_id, StepRun.status.in_(sources))
+        .values(status=S.SKIPPED, completed_at=now)
+    )
+
+
+def log_attempt(
+    session: Session,
+    source: Claim | StepRun,
+    status: StepStatus,
+    started: datetime | None,
+    now: datetime,
+    *,
+    step_input: Any,
+    output: Any = None,
+    error: dict | None = None,
+) -> None:
+    """One ``step_attempts`` row (the log behind ``GET /runs/:id/logs``) for a claim or a step row."""
+    session.execute(
+        sql.LOG_ATTEMPT,
+        {
+            "run_id": source.run_id,
+            "step_id": source.step_id,
+            "position": source.position,
+            "attempt": source.attempt,
+            "status": status,
+            "input": step_input,
+            "output": output,
+            "error": error,
+            "started_at": started,
+            "completed_at": now,
+            "duration_ms": duration_ms(started, now),
+        },
+    )

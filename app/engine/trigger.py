@@ -1,0 +1,221 @@
+"""Triggering: a pending run and its steps in one commit, then the first step's message; and
+the idempotency that trigger, retry and restart share (DESIGN §5.1)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.engine import statements as sql
+from app.engine.reads import definition_for, get_workflow
+from app.engine.states import STUCK_AFTER
+from app.errors import Conflict
+from app.errors import ValidationError as BatonValidationError
+from app.ids import new_id
+from app.services import Services
+from app.timeutil import utcnow
+from models import Run, StepRun
+from models.states import RunStatus, StepStatus
+
+logger = logging.getLogger("baton.engine")
+IDEMPOTENCY_TTL = timedelta(hours=24)
+Build = Callable[[Session], tuple[Run, str]]
+
+
+def request_hash(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def trigger_run(
+    services: Services,
+    company_id: str,
+    workflow_id: str,
+    run_input: Any,
+    trigger_type: str,
+    *,
+    idempotency_key: str | None = None,
+    fingerprint: str | None = None,
+) -> tuple[Run, bool]:
+    """Insert a pending run and its steps, commit, then enqueue the first step.
+
+    Returns the run and whether it was created (False: an idempotent repeat). ``fingerprint``
+    replaces the request hash when a repeat may differ in body yet be the same (a webhook delivery).
+    """
+    if not isinstance(run_input, dict):
+        raise BatonValidationError("input must be a JSON object", details={"input": ["Not a valid object."]})
+    fingerprint = fingerprint or request_hash({"input": run_input, "triggerType": trigger_type})
+
+    def build(session: Session) -> tuple[Run, str]:
+        workflow = get_workflow(session, company_id, workflow_id)
+        definition = definition_for(session, workflow.id, workflow.current_version)
+        run = insert_run(
+            session, company_id, workflow.id, workflow.current_version, definition, run_input, trigger_type
+        )
+        return run, definition["steps"][0]["id"]
+
+    return create_run(services, company_id, workflow_id, idempotency_key, fingerprint, build)
+
+
+def create_run(
+    services: Services,
+    company_id: str,
+    workflow_id: str,
+    idempotency_key: str | None,
+    fingerprint: str,
+    build: Build,
+) -> tuple[Run, bool]:
+    """Shared by trigger, retry and restart: idempotency, one commit, then enqueue the first step."""
+    with services.db.session() as session:
+        if idempotency_key:
+            existing = idempotent_run(session, company_id, workflow_id, idempotency_key, fingerprint)
+            if existing is not None:
+                return existing, False
+        run, first_step = build(session)
+        if idempotency_key:
+            run.idempotency_key, run.idempotency_hash = idempotency_key, fingerprint
+        try:
+            session.commit()
+        except IntegrityError:
+            # A concurrent request with the same Idempotency-Key won the insert.
+            session.rollback()
+            if not idempotency_key:
+                raise
+            existing = idempotent_run(session, company_id, workflow_id, idempotency_key, fingerprint)
+            if existing is None:
+                raise
+            return existing, False
+    if not send_or_leave_to_sweep(services, run.id, first_step, 1):
+        _mark_unsent(services, run.id, first_step, 1)
+    return run, True
+
+
+def send_or_leave_to_sweep(
+    services: Services, run_id: str, step_id: str, attempt: int, delay_ms: int = 0
+) -> bool:
+    """The step is committed (queued or waiting); if the broker is down, the sweep sends it later."""
+    try:
+        services.queue.enqueue(run_id, step_id, attempt, delay_ms)
+        return True
+    except Exception:  # any broker failure: the row is the source of truth
+        logger.warning("could not enqueue %s/%s; the sweep will send it", run_id, step_id, exc_info=True)
+        return False
+
+
+def _mark_unsent(services: Services, run_id: str, step_id: str, attempt: int) -> None:
+    """Backdate the step so the first sweep that can reach the broker sends it, not 30 s later."""
+    try:
+        with services.db.session() as session:
+            session.execute(
+                sql.update_steps()
+                .where(
+                    StepRun.run_id == run_id,
+                    StepRun.step_id == step_id,
+                    StepRun.attempt == attempt,
+                    StepRun.status == StepStatus.QUEUED,
+                )
+                .values(queued_at=utcnow() - STUCK_AFTER)
+            )
+            session.commit()
+    except Exception:  # the sweep still finds it, STUCK_AFTER later
+        logger.warning("could not mark %s/%s unsent", run_id, step_id, exc_info=True)
+
+
+def insert_run(
+    session: Session,
+    company_id: str,
+    workflow_id: str,
+    version: int,
+    definition: dict[str, Any],
+    run_input: Any,
+    trigger_type: str,
+    *,
+    start: int = 0,
+    reused: dict[str, StepRun] | None = None,
+    restarted_from: str | None = None,
+) -> Run:
+    """A pending run whose steps before ``start`` are copies of ``reused`` and the rest still to run."""
+    now = utcnow()
+    timeout = definition.get("timeoutMs")
+    run = Run(
+        id=new_id("run"),
+        company_id=company_id,
+        workflow_id=workflow_id,
+        workflow_version=version,
+        status=RunStatus.PENDING,
+        trigger_type=trigger_type,
+        input=run_input,
+        created_at=now,
+        deadline_at=now + timedelta(milliseconds=timeout) if timeout else None,
+        restarted_from_run_id=restarted_from,
+        restart_from_step_id=definition["steps"][start]["id"] if restarted_from else None,
+    )
+    session.add(run)
+    session.flush()
+    rows = [
+        _step_row(run.id, index, step, start, now, reused) for index, step in enumerate(definition["steps"])
+    ]
+    session.execute(insert(StepRun), rows)
+    return run
+
+
+def _step_row(
+    run_id: str,
+    index: int,
+    step: dict[str, Any],
+    start: int,
+    now: datetime,
+    reused: dict[str, StepRun] | None,
+) -> dict[str, Any]:
+    first = index == start
+    row: dict[str, Any] = {
+        "run_id": run_id,
+        "step_id": step["id"],
+        "position": index,
+        "status": StepStatus.QUEUED if first else StepStatus.PENDING,
+        "attempt": 1 if first else 0,
+        "queued_at": now if first else None,
+        "reused": False,
+    }
+    if index < start and reused is not None:
+        old = reused[step["id"]]
+        columns = (
+            "status",
+            "attempt",
+            "input",
+            "output",
+            "error",
+            "started_at",
+            "completed_at",
+            "duration_ms",
+        )
+        row.update({name: getattr(old, name) for name in columns}, reused=True)
+    return row
+
+
+def idempotent_run(
+    session: Session, company_id: str, workflow_id: str, key: str, fingerprint: str | None
+) -> Run | None:
+    """The run an Idempotency-Key already made (24 h), or None; a different request is 409."""
+    existing = session.execute(
+        select(Run).where(
+            Run.company_id == company_id, Run.workflow_id == workflow_id, Run.idempotency_key == key
+        )
+    ).scalar_one_or_none()
+    if existing is None:
+        return None
+    if existing.created_at < utcnow() - IDEMPOTENCY_TTL:
+        # Expired: release the key so this request makes a new run.
+        session.execute(update(Run).where(Run.id == existing.id).values(idempotency_key=None))
+        session.flush()
+        return None
+    if existing.idempotency_hash != fingerprint:
+        raise Conflict("Idempotency-Key was already used with a different request body")
+    return existing

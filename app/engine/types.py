@@ -1,0 +1,76 @@
+"""What the execution functions pass around: a claim on a step, an attempt's outcome, what's next."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from app.actions import Park
+from models.states import StepStatus
+
+
+@dataclass
+class Outcome:
+    """What executing one attempt produced (``status``: success, error, skipped or waiting)."""
+
+    status: StepStatus
+    input: Any = None
+    output: Any = None
+    error: dict[str, str] | None = None
+    retriable: bool = False
+    retry_after_ms: int | None = None
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    park: Park | None = None  # waiting only
+
+
+@dataclass
+class Claim:
+    """A step this worker now owns: enough to render and run it without another query."""
+
+    run_id: str
+    workflow_id: str
+    trigger_type: str
+    run_input: Any
+    definition: dict[str, Any]
+    position: int
+    attempt: int
+    started_at: datetime
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Set when the step was a waiting delay that is now due: it completes without running again.
+    resumed_input: Any = None
+    waited_since: datetime | None = None
+
+    @property
+    def step(self) -> dict[str, Any]:
+        return self.definition["steps"][self.position]
+
+    @property
+    def step_id(self) -> str:
+        return self.step["id"]
+
+    @property
+    def is_last(self) -> bool:
+        return self.position + 1 >= len(self.definition["steps"])
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        """(run, step, attempt): what a lease is held on."""
+        return (self.run_id, self.step_id, self.attempt)
+
+    def template_context(self) -> dict[str, Any]:
+        return {
+            "input": self.run_input,
+            "steps": self.results,
+            "run": {"id": self.run_id, "workflowId": self.workflow_id, "triggerType": self.trigger_type},
+            "secrets": {},
+        }
+
+
+@dataclass
+class Next:
+    """What the worker does after recording a result."""
+
+    claim: Claim | None = None  # run this next step inline, now
+    enqueue: tuple[str, str, int, int] | None = None  # (run_id, step_id, attempt, delay_ms)

@@ -1,0 +1,40 @@
+"""Run and step statuses: the only place their names are spelled (the transition table is in
+``app.engine.states``)."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class _Status(str, Enum):
+    """A status that is its own JSON/SQL text (``str(RunStatus.PENDING) == "pending"``)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class RunStatus(_Status):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUSPENDED = "suspended"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMEOUT = "timeout"
+
+
+class StepStatus(_Status):
+    PENDING = "pending"
+    QUEUED = "queued"
+    RUNNING = "running"
+    WAITING = "waiting"
+    SUCCESS = "success"
+    ERROR = "error"
+    SKIPPED = "skipped"
+
+
+class TriggerType(_Status):
+    API = "api"
+    WEBHOOK = "webhook"
+    SCHEDULE = "schedule"
+    MANUAL = "manual"
