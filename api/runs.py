@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis
 from flask.views import MethodView
 from flask_smorest import Blueprint
 from sqlalchemy import select
@@ -138,13 +139,28 @@ class RunCancel(MethodView):
         """Cancel a pending or running run; no further step starts."""
         services = context.services()
         key = context.idempotency_key()
-        remembered = f"{services.namespace}:idem:cancel:{context.company_id()}:{key}" if key else None
-        if remembered and services.redis.get(remembered) == run_id.encode():
+        remembered = services.key("idem", "cancel", context.company_id(), key) if key else None
+        if remembered and _remembered(services, remembered) == run_id.encode():
             return ok({"id": run_id, "status": RunStatus.CANCELLED, "message": "Run cancellation requested"})
         run = engine.cancel_run(services, context.company_id(), _run_id(run_id))
         if remembered:
-            services.redis.set(remembered, run.id, ex=int(engine.IDEMPOTENCY_TTL.total_seconds()))
+            _remember(services, remembered, run.id)
         return ok({"id": run.id, "status": run.status, "message": "Run cancellation requested"})
+
+
+def _remembered(services: Any, key: str) -> bytes | None:
+    """A cancel's Idempotency-Key (Redis); with Redis down, the database's answer stands."""
+    try:
+        return services.redis.get(key)
+    except redis.RedisError:
+        return None
+
+
+def _remember(services: Any, key: str, run_id: str) -> None:
+    try:
+        services.redis.set(key, run_id, ex=int(engine.IDEMPOTENCY_TTL.total_seconds()))
+    except redis.RedisError:
+        pass  # a repeat then finds the run cancelled and answers INVALID_STATE
 
 
 def _restart(run_id: str, mode: str, args: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, str]]:

@@ -69,6 +69,14 @@ class InternalError(BatonError):
     pass
 
 
+def for_status(status: int) -> type[BatonError]:
+    """The error class that renders an HTTP status raised outside Baton (Werkzeug, webargs)."""
+    for cls in BatonError.__subclasses__():
+        if cls.status == status:
+            return cls  # the first declared wins: 400 is VALIDATION_ERROR
+    return InternalError if status >= 500 else ValidationError
+
+
 def is_transient(exc: BaseException) -> bool:
     """A database or Redis outage (worth retrying, a 503), not a bug or bad input."""
     import redis

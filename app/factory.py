@@ -13,22 +13,17 @@ from werkzeug.exceptions import HTTPException
 from api.schemas.common import ErrorEnvelopeSchema, Timestamp
 from app.config import Config
 from app.definition import flatten
-from app.errors import BatonError
+from app.errors import (
+    BatonError,
+    InternalError,
+    ServiceUnavailable,
+    ValidationError,
+    for_status,
+    is_transient,
+)
 from app.services import Services
 
 logger = logging.getLogger("baton.api")
-
-_HTTP_CODES = {
-    400: "VALIDATION_ERROR",
-    401: "UNAUTHORIZED",
-    404: "NOT_FOUND",
-    405: "METHOD_NOT_ALLOWED",
-    409: "CONFLICT",
-    413: "PAYLOAD_TOO_LARGE",
-    415: "VALIDATION_ERROR",
-    422: "VALIDATION_ERROR",
-    429: "RATE_LIMITED",
-}
 
 
 class BatonApi(Api):
@@ -39,12 +34,10 @@ class BatonApi(Api):
     def handle_http_exception(self, error: HTTPException) -> Any:
         data = getattr(error, "data", None) or {}
         status = error.code or 500
-        code = _HTTP_CODES.get(status, "INTERNAL_ERROR" if status >= 500 else "VALIDATION_ERROR")
-        body: dict[str, Any] = {"code": code, "message": error.description or error.name}
-        if status == 404:
-            body["message"] = "Not found"
-        elif status == 413:
-            body["message"] = "Request body exceeds 1 MiB"
+        cls = for_status(status)
+        body: dict[str, Any] = {"code": cls.code, "message": error.description or error.name}
+        if status in (404, 413):
+            body["message"] = cls.default_message
         elif status == 400 and not data:
             body["message"] = "Malformed request"
         messages = data.get("messages")
@@ -58,7 +51,7 @@ class BatonApi(Api):
             body["message"] = f"Invalid {first}: {problems[0]}"
             body["details"] = details
         if status >= 500:
-            body = {"code": "INTERNAL_ERROR", "message": "Internal server error"}
+            body = {"code": InternalError.code, "message": InternalError.default_message}
         headers = dict(data.get("headers") or {})
         if status == 405:
             # Keep Werkzeug's Allow header (RFC 9110 requires it on a 405).
@@ -75,19 +68,17 @@ def _handle_unexpected(error: Exception) -> Any:
         raise error
     if isinstance(error, DataError):
         # Values PostgreSQL cannot store (a NUL character, an out-of-range number) are bad input.
-        return jsonify(
-            {
-                "success": False,
-                "error": {
-                    "code": "VALIDATION_ERROR",
-                    "message": "Request contains a value that cannot be stored (for example a NUL character)",
-                },
-            }
-        ), 400
+        return _handle_baton_error(
+            ValidationError("Request contains a value that cannot be stored (for example a NUL character)")
+        )
+    if is_transient(error):
+        logger.warning("service unavailable: %s", error)
+        unavailable = ServiceUnavailable(
+            "The database or Redis is unavailable; try again shortly", headers={"Retry-After": "2"}
+        )
+        return _handle_baton_error(unavailable)
     logger.exception("unhandled error")
-    return jsonify(
-        {"success": False, "error": {"code": "INTERNAL_ERROR", "message": "Internal server error"}}
-    ), 500
+    return _handle_baton_error(InternalError())
 
 
 def create_app(config: Config | None = None, services: Services | None = None) -> Flask:
