@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import cache
 from enum import Enum
 
 from models.states import RunStatus, StepStatus
@@ -95,11 +96,13 @@ class IllegalTransition(RuntimeError):
     """A move that is not in the table: a bug, never silently ignored."""
 
 
+@cache
 def run_sources(to: RunStatus) -> tuple[RunStatus, ...]:
     """The statuses a run may move to ``to`` from (a stable order keeps SQL cacheable)."""
     return tuple(sorted({a for (a, b) in RUN_MOVES if b == to}))
 
 
+@cache
 def step_sources(to: StepStatus) -> tuple[StepStatus, ...]:
     """The statuses a step may move to ``to`` from."""
     return tuple(sorted({a for (a, b) in STEP_MOVES if b == to}))
