@@ -22,6 +22,7 @@ from werkzeug.serving import make_server
 from app import keys
 from app.config import Config
 from app.db import Database
+from app.engine.states import RUN_TERMINAL
 from app.factory import create_app
 from app.migrate import upgrade
 from app.queue import StepQueue, make_broker, make_redis
@@ -29,7 +30,8 @@ from app.services import Services
 
 DEFAULT_DATABASE_URL = "postgresql+psycopg://root@127.0.0.1:5432/test"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-TERMINAL = ("completed", "failed", "cancelled", "timeout")
+# The engine says which statuses are final; tests do not keep a copy of their own.
+TERMINAL = tuple(sorted(RUN_TERMINAL))
 
 
 SCHEMA = f"baton_test_{uuid.uuid4().hex[:8]}"
