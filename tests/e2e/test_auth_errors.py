@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 import requests
-from sqlalchemy import insert, select
+from sqlalchemy import select
 
 from app import keys
-from models import ApiKey, Run, Workflow
+from models import ApiKey
+from tests import factories
 from tests.conftest import new_key
 from tests.spec_shapes import LIST_ITEM_KEYS
 
@@ -52,36 +52,10 @@ def make_run(services: Any, client: Any, headers: dict[str, str], status: str = 
     )
     assert response.status_code == 201, response.get_json()
     workflow_id = response.get_json()["data"]["id"]
-    now = datetime.now(timezone.utc).replace(microsecond=0)
-    started = now if status != "pending" else None
-    finished = status in ("completed", "failed", "cancelled", "timeout")
     with services.db.session() as session:
-        company_id = session.execute(
-            select(Workflow.company_id).where(Workflow.id == workflow_id)
-        ).scalar_one()
-        run_id = f"run_{uuid.uuid4()}"
-        session.execute(
-            insert(Run),
-            [
-                {
-                    "id": run_id,
-                    "company_id": company_id,
-                    "workflow_id": workflow_id,
-                    "workflow_version": 1,
-                    "status": status,
-                    "trigger_type": "api",
-                    "input": {"secret": "tenant-data"},
-                    "output": None,
-                    "error": None,
-                    "created_at": now,
-                    "started_at": started,
-                    "completed_at": now + timedelta(seconds=1) if finished else None,
-                    "duration_ms": 1000 if finished else None,
-                }
-            ],
-        )
+        run = factories.run(session, workflow_id, status, with_steps=False, input={"secret": "tenant-data"})
         session.commit()
-    return run_id
+    return run.id
 
 
 def status_of(client: Any, headers: dict[str, str], run_id: str) -> str:

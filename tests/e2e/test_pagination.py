@@ -14,11 +14,10 @@ from typing import Any
 
 import pytest
 import requests
-from sqlalchemy import insert
 
 from app import keys
 from app.timeutil import utcnow
-from models import Run
+from tests import factories
 from tests.spec_shapes import LIST_ITEM_KEYS
 
 SPEC_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
@@ -92,30 +91,15 @@ def make_tenant(services: Any, app: Any, workflow_count: int = 2) -> Tenant:
 
 
 def run_row(tenant: Tenant, created_at: datetime, workflow_id: str, status: str) -> dict[str, Any]:
-    finished = status in ("completed", "failed", "cancelled", "timeout")
-    started = created_at if status != "pending" else None
-    completed = created_at + timedelta(milliseconds=250) if finished and started else None
-    return {
-        # Random (not time-ordered) ids, so ties on createdAt are broken by id alone.
-        "id": f"run_{uuid.uuid4()}",
-        "company_id": tenant.company_id,
-        "workflow_id": workflow_id,
-        "workflow_version": 1,
-        "status": status,
-        "trigger_type": "api",
-        "input": {},
-        "output": None,
-        "error": {"code": "STEP_ERROR", "message": "boom"} if status == "failed" else None,
-        "created_at": created_at,
-        "started_at": started,
-        "completed_at": completed,
-        "duration_ms": 250 if completed else None,
-    }
+    # Random (not time-ordered) ids, so ties on createdAt are broken by id alone.
+    return factories.run_values(
+        tenant.company_id, workflow_id, status, id=f"run_{uuid.uuid4()}", created_at=created_at
+    )
 
 
 def insert_rows(services: Any, tenant: Tenant, rows: list[dict[str, Any]]) -> None:
     with services.db.session() as session:
-        session.execute(insert(Run), rows)
+        factories.insert_runs(session, rows)
         session.commit()
     tenant.runs.extend(rows)
 

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import requests
-from sqlalchemy import insert, select
 
-from models import Run, Workflow
+from tests import factories
 from tests.spec_shapes import DETAIL_KEYS, LIST_ITEM_FIELDS, LIST_ITEM_KEYS, LOGS_KEYS, STEP_KEYS
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -103,34 +101,12 @@ def ok_data(response: Any, status: int = 200) -> Any:
     return body["data"]
 
 
-def company_of(services: Any, workflow_id: str) -> str:
-    with services.db.session() as session:
-        return session.execute(select(Workflow.company_id).where(Workflow.id == workflow_id)).scalar_one()
-
-
 def insert_run(services: Any, workflow_id: str, **values: Any) -> str:
     """A run row written directly (no message enqueued), for states a worker would race with."""
-    now = datetime.now(timezone.utc).replace(microsecond=0)
-    row = {
-        "id": f"run_{uuid.uuid4()}",
-        "company_id": company_of(services, workflow_id),
-        "workflow_id": workflow_id,
-        "workflow_version": 1,
-        "status": "pending",
-        "trigger_type": "api",
-        "input": {},
-        "output": None,
-        "error": None,
-        "created_at": now,
-        "started_at": None,
-        "completed_at": None,
-        "duration_ms": None,
-    }
-    row.update(values)
     with services.db.session() as session:
-        session.execute(insert(Run), [row])
+        run = factories.run(session, workflow_id, with_steps=False, **values)
         session.commit()
-    return row["id"]
+    return run.id
 
 
 def find(items: list[dict[str, Any]], run_id: str) -> dict[str, Any]:
