@@ -10,7 +10,7 @@ from marshmallow import RAISE, Schema, ValidationError, fields, validate, valida
 from app import actions, schedules, templating, webhooks
 from app.errors import ValidationError as BatonValidationError
 
-STEP_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+STEP_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\Z")
 DEFAULT_STEP_TIMEOUT_MS = 300_000
 MAX_DELAY_MS = 7 * 24 * 3600 * 1000 - 1  # the Redis broker refuses delays of 7 days or more
 

@@ -9,8 +9,8 @@ import uuid
 from uuid6 import uuid7
 
 _UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
-RUN_ID = re.compile(rf"^run_{_UUID}$")
-WORKFLOW_ID = re.compile(r"^wf_[a-z0-9][a-z0-9_-]{0,63}$")
+RUN_ID = re.compile(rf"^run_{_UUID}\Z")  # \Z: `$` would accept a trailing newline
+WORKFLOW_ID = re.compile(r"^wf_[a-z0-9][a-z0-9_-]{0,63}\Z")
 
 
 def new_id(prefix: str) -> str:
