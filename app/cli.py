@@ -100,26 +100,20 @@ def api_command(config: Config, host: str, port: int, workers: int) -> list[str]
 
 
 def worker_command(processes: int, threads: int) -> list[str]:
+    """The worker pool's supervisor (workers/pool.py): it restarts a worker process that dies."""
     return [
         sys.executable,
         "-m",
-        "dramatiq",
-        "workers.main",
+        "workers.pool",
         "--processes",
         str(processes),
         "--threads",
         str(threads),
-        "--worker-shutdown-timeout",
-        "30000",
-        "--skip-logging",
     ]
 
 
 def worker_env(config: Config) -> dict[str, str]:
-    env = _child_env(config)
-    # Dramatiq reads its idle poll back-off from its own variable at import time.
-    env["dramatiq_worker_timeout"] = str(config.worker_idle_timeout_ms)
-    return env
+    return _child_env(config)
 
 
 @cli.command("api", with_appcontext=False)
@@ -134,20 +128,23 @@ def api_cmd(host: str, port: int, workers: int) -> None:
 
 
 @cli.command("worker", with_appcontext=False)
-@click.option("--processes", "-p", default=2, show_default=True, type=int)
-@click.option("--threads", "-t", default=8, show_default=True, type=int)
+@click.option("--processes", "-p", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--threads", "-t", default=8, show_default=True, type=click.IntRange(min=1))
 def worker_cmd(processes: int, threads: int) -> None:
-    """Run Dramatiq worker processes that execute steps."""
+    """Run Dramatiq worker processes that execute steps; a worker process that dies is restarted."""
     config = _config()
     _prepare_embedded(config)
+    # exec: the supervisor keeps this PID, so its worker processes are this command's children.
     _exec(worker_command(processes, threads), worker_env(config))
 
 
 def _prepare_embedded(config: Config) -> None:
+    """Only `baton dev` starts the embedded Redis; other processes need it running already."""
     if config.embedded_redis:
-        from app.embedded import ensure_redis
+        from app.embedded import redis_answers
 
-        ensure_redis(config, daemonize=True)
+        if not redis_answers(config.redis_socket):
+            _fail(f"no Redis answers on {config.redis_socket}: set REDIS_URL, or start `baton dev`")
     if config.embedded_database:
         _upgrade(config)
 

@@ -1,0 +1,256 @@
+"""``baton worker`` as a real process tree: a supervisor whose worker processes are restarted alone.
+
+These tests start ``baton worker -p 2 -t 2`` as a subprocess against the session's PostgreSQL
+schema and a Redis namespace of this module's own (the session's in-process worker, started by
+other tests, must not take these runs), and stop only the processes they started, by PID.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.config import Config
+from app.factory import create_app
+from app.queue import StepQueue, make_broker
+
+BATON = str(Path(sys.executable).with_name("baton"))
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of ``pid``, as a chaos script finds them."""
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:.0f} s: {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def pool_config(config: Config) -> Config:
+    return config.with_overrides(queue_namespace=f"{config.queue_namespace}-pool")
+
+
+@pytest.fixture(scope="module")
+def pool_services(pool_config: Config, services: Any) -> Iterator[Any]:
+    broker = make_broker(pool_config)
+    svc = dataclasses.replace(services, queue=StepQueue(broker), namespace=pool_config.queue_namespace)
+    yield svc
+    for key in services.redis.scan_iter(f"{pool_config.queue_namespace}:*"):
+        services.redis.delete(key)
+    broker.close()
+
+
+@pytest.fixture(scope="module")
+def app(pool_config: Config, pool_services: Any) -> Any:
+    """The API enqueues into this module's namespace, which only the pools started here consume."""
+    flask_app = create_app(pool_config, pool_services)
+    flask_app.testing = True
+    return flask_app
+
+
+class Pool:
+    """A ``baton worker`` subprocess and its log."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.log = log
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def ready_children(self, count: int, timeout: float = 20) -> list[int]:
+        """Wait until ``count`` children run and each has reported its worker ready."""
+
+        def ready() -> list[int] | None:
+            pids = children(self.pid)
+            text = self.text()
+            if len(pids) == count and all(f"worker process {p} ready" in text for p in pids):
+                return pids
+            return None
+
+        return wait_for(ready, timeout, f"{count} ready worker processes\n{self.text()}")
+
+
+@pytest.fixture
+def start_pool(pool_config: Config, tmp_path: Path) -> Iterator[Callable[..., Pool]]:
+    started: list[Pool] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> Pool:
+        child_env = {k: v for k, v in os.environ.items() if k != "BROKER_URL"}
+        child_env.update(
+            DATABASE_URL=str(pool_config.database_url),
+            REDIS_URL=str(pool_config.redis_url),
+            BATON_QUEUE_NAMESPACE=pool_config.queue_namespace,
+            BATON_HTTP_ALLOW_NETWORKS="127.0.0.0/8",
+            BATON_LOG_LEVEL="INFO",
+            **(env or {}),
+        )
+        log = tmp_path / f"pool-{len(started)}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [BATON, "worker", *(args or ("-p", "2", "-t", "2"))],
+                env=child_env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        started.append(Pool(proc, log))
+        return started[-1]
+
+    yield start
+    for pool in started:
+        _stop(pool)
+
+
+def _stop(pool: Pool) -> None:
+    """SIGTERM the supervisor; SIGKILL it and the children it had if it does not stop."""
+    if pool.proc.poll() is not None:
+        return
+    kids = children(pool.pid)
+    pool.proc.send_signal(signal.SIGTERM)
+    try:
+        pool.proc.wait(timeout=40)
+    except subprocess.TimeoutExpired:
+        for pid in [pool.pid, *kids]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        pool.proc.wait()
+
+
+def test_killed_worker_process_is_restarted_while_the_other_keeps_working(
+    start_pool, make_workflow, trigger, wait_run
+):
+    wid = make_workflow(
+        [
+            {"id": "a", "action": "transform", "input": {"n": "{{ input.n }}"}},
+            {"id": "b", "action": "transform", "input": {"n": "{{ steps.a.output.n }}"}},
+        ]
+    )
+    pool = start_pool("-p", "2", "-t", "2")
+    victim, survivor = pool.ready_children(2)
+    for run in [trigger(wid, {"n": i}) for i in range(4)]:
+        assert wait_run(run["id"])["status"] == "completed"
+
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+    after_kill = [trigger(wid, {"n": i}) for i in range(6)]
+    for run in after_kill:
+        done = wait_run(run["id"], timeout=20)
+        assert done["status"] == "completed" and done["output"] == {"n": run["input"]["n"]}
+    assert survivor in children(pool.pid)
+
+    def replacement() -> list[int]:
+        return [p for p in children(pool.pid) if p not in (victim, survivor)]
+
+    (new,) = wait_for(replacement, 10, f"a new worker process\n{pool.text()}")
+    back_after = time.monotonic() - killed_at
+    assert back_after < 10
+    assert sorted(children(pool.pid)) == sorted([survivor, new])
+    assert f"worker process {victim} was killed by SIGKILL" in pool.text()
+    assert pool.proc.poll() is None
+
+    # The replacement works: with the survivor killed too, runs still complete.
+    wait_for(lambda: f"worker process {new} ready" in pool.text(), 20, "the replacement is ready")
+    os.kill(survivor, signal.SIGKILL)
+    for run in [trigger(wid, {"n": i}) for i in range(3)]:
+        assert wait_run(run["id"], timeout=20)["status"] == "completed"
+    pool.ready_children(2)
+
+
+def test_sigterm_stops_the_pool_and_every_worker_process(start_pool):
+    pool = start_pool("--processes", "2", "--threads", "2")
+    kids = pool.ready_children(2)
+    pool.proc.send_signal(signal.SIGTERM)
+    assert pool.proc.wait(timeout=20) == 0
+    assert not [pid for pid in kids if alive(pid)]
+    text = pool.text()
+    assert all(f"worker process {pid} exited with code 0" in text for pid in kids), text
+    assert "worker pool stopped" in text
+
+
+def test_sigterm_lets_the_step_in_flight_finish(
+    start_pool, target, make_workflow, trigger, wait_run, client, headers
+):
+    target.delay_s = 2.0
+    wid = make_workflow(
+        [
+            {
+                "id": "slow",
+                "action": "http.request",
+                "input": {"method": "POST", "url": f"{target.url}/slow"},
+            },
+            {"id": "after", "action": "transform", "input": {"done": True}},
+        ]
+    )
+    pool = start_pool()
+    pool.ready_children(2)
+    run = trigger(wid)
+    wait_for(lambda: target.requests, 10, "the slow request arrives")
+    pool.proc.send_signal(signal.SIGTERM)
+    assert pool.proc.wait(timeout=30) == 0
+
+    data = client.get(f"/api/v1/runs/{run['id']}", headers=headers).get_json()["data"]
+    slow = data["stepResults"][0]
+    assert slow["status"] == "success" and slow["attempt"] == 1, data
+    assert slow["output"]["status"] == 200
+    if data["status"] != "completed":  # the next step's message went back to the broker
+        start_pool().ready_children(2)
+    assert wait_run(run["id"], timeout=20)["status"] == "completed"
+    assert len(target.requests) == 1  # the finished step never ran again
+
+
+def test_worker_processes_that_cannot_start_make_the_pool_exit_1(start_pool):
+    pool = start_pool(env={"BATON_ACTION_MODULES": "baton_test_no_such_module"})
+    assert pool.proc.wait(timeout=60) == 1
+    text = pool.text()
+    assert "No module named 'baton_test_no_such_module'" in text
+    last = text.strip().splitlines()[-1]
+    assert "worker processes cannot start: 5 failed starts in a row (the last exited with code 3)" in last
+    started = [
+        int(line.split("worker process ")[1].split()[0])
+        for line in text.splitlines()
+        if " started (slot" in line
+    ]
+    assert started and not [pid for pid in started if alive(pid)]
+
+
+@pytest.mark.parametrize("command", ["worker", "api", "scheduler"])
+def test_without_redis_url_and_no_embedded_redis_the_command_exits_1(command, config, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "BROKER_URL", "BATON_VAR_DIR")}
+    env["DATABASE_URL"] = str(config.database_url)
+    result = subprocess.run(
+        [BATON, command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"Error: no Redis answers on {tmp_path / 'var' / 'redis.sock'}: set REDIS_URL, or start `baton dev`"
+    ]
+    assert not (tmp_path / "var" / "redis.sock").exists()
