@@ -17,7 +17,9 @@ from flask.cli import FlaskGroup
 from sqlalchemy import select
 
 from app.config import Config
+from app.engine.states import is_terminal
 from app.errors import BatonError
+from models.states import RunStatus
 
 EXAMPLE = Path(__file__).resolve().parent / "examples" / "hello.json"
 
@@ -194,26 +196,11 @@ def db_upgrade() -> None:
 @click.option("--processes", default=2, show_default=True, type=int, help="worker processes")
 @click.option("--threads", default=8, show_default=True, type=int, help="threads per worker process")
 def dev(host: str, port: int, processes: int, threads: int) -> None:
-    """API, workers and embedded services in one command; Ctrl-C stops all of them."""
-    from app.embedded import ensure_redis, stop_redis
+    """API, workers, scheduler and embedded services in one command; Ctrl-C stops all of them."""
+    from app.embedded import stop_redis
 
     config = _config()
-    say = lambda message: click.echo(f"baton dev: {message}", err=True)  # noqa: E731
-    redis_process = None
-    if config.embedded_redis:
-        say(f"starting embedded Redis ({config.redis_socket})")
-        redis_process = ensure_redis(config, daemonize=False)
-    try:
-        say(
-            "migrating "
-            + ("embedded SQLite " + str(config.sqlite_path) if config.embedded_database else "database")
-        )
-        _upgrade(config)
-        key = _dev_key(config)
-        workflow_id = _load_example(config)
-    except BaseException:
-        stop_redis(redis_process)  # a failed start must not leave the embedded Redis behind
-        raise
+    redis_process, key, workflow_id = _dev_prepare(config)
     base_url = f"http://{host}:{port}"
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
     stopping = False
@@ -226,46 +213,78 @@ def dev(host: str, port: int, processes: int, threads: int) -> None:
     signal.signal(signal.SIGTERM, stop)
     exit_code = 0
     try:
-        say(f"starting API on {base_url}")
+        _say(f"starting API on {base_url}")
         children.append(("api", subprocess.Popen(api_command(config, host, port, 1), env=_child_env(config))))
-        say(f"starting {processes} worker processes x {threads} threads")
+        _say(f"starting {processes} worker processes x {threads} threads, and the scheduler")
         children.append(
             ("worker", subprocess.Popen(worker_command(processes, threads), env=worker_env(config)))
         )
+        children.append(("scheduler", subprocess.Popen(scheduler_command(), env=_child_env(config))))
         if not _wait_ready(base_url, children, lambda: stopping):
             exit_code = 1
         else:
-            curl = (
-                f"curl -s -X POST {base_url}/api/v1/workflows/{workflow_id}/runs "
-                f"-H 'x-api-key: {key}' -H 'Content-Type: application/json' "
-                f'-d \'{{"input": {{"name": "Ada", "baseUrl": "{base_url}"}}}}\''
-            )
-            click.echo(f"Baton is running at {base_url}")
-            click.echo(f"API key: {key}")
-            click.echo(f"Trigger a run:\n  {curl}")
-            click.echo(f"Then: curl -s {base_url}/api/v1/runs -H 'x-api-key: {key}'")
-            sys.stdout.flush()
+            _print_ready(base_url, key, workflow_id)
         while not stopping and exit_code == 0:
             for name, child in children:
                 if child.poll() is not None:
-                    say(f"{name} exited with code {child.returncode}; stopping")
+                    _say(f"{name} exited with code {child.returncode}; stopping")
                     exit_code = 1
             time.sleep(0.2)
     finally:
-        say("stopping")
-        for _name, child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 40
-        for _name, child in children:
-            try:
-                child.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+        _say("stopping")
+        _stop_children(children)
         stop_redis(redis_process)
-        say("stopped")
+        _say("stopped")
     sys.exit(exit_code)
+
+
+def _say(message: str) -> None:
+    click.echo(f"baton dev: {message}", err=True)
+
+
+def _dev_prepare(config: Config) -> tuple[subprocess.Popen[bytes] | None, str, str]:
+    """Embedded Redis (when no REDIS_URL), migrations, the dev key and the example workflow."""
+    from app.embedded import ensure_redis, stop_redis
+
+    redis_process = None
+    if config.embedded_redis:
+        _say(f"starting embedded Redis ({config.redis_socket})")
+        redis_process = ensure_redis(config, daemonize=False)
+    try:
+        where = "embedded SQLite " + str(config.sqlite_path) if config.embedded_database else "database"
+        _say(f"migrating {where}")
+        _upgrade(config)
+        return redis_process, _dev_key(config), _load_example(config)
+    except BaseException:
+        stop_redis(redis_process)  # a failed start must not leave the embedded Redis behind
+        raise
+
+
+def _print_ready(base_url: str, key: str, workflow_id: str) -> None:
+    curl = (
+        f"curl -s -X POST {base_url}/api/v1/workflows/{workflow_id}/runs "
+        f"-H 'x-api-key: {key}' -H 'Content-Type: application/json' "
+        f'-d \'{{"input": {{"name": "Ada", "baseUrl": "{base_url}"}}}}\''
+    )
+    click.echo(f"Baton is running at {base_url}")
+    click.echo(f"API key: {key}")
+    click.echo(f"Trigger a run:\n  {curl}")
+    click.echo(f"Then: curl -s {base_url}/api/v1/runs -H 'x-api-key: {key}'")
+    sys.stdout.flush()
+
+
+def _stop_children(children: list[tuple[str, subprocess.Popen[bytes]]], timeout_s: float = 40) -> None:
+    """SIGTERM every child, wait for all of them, SIGKILL what is left at the deadline."""
+    for _name, child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for _name, child in children:
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
 
 
 def _wait_ready(base_url: str, children: list[tuple[str, subprocess.Popen[bytes]]], stopping: Any) -> bool:
@@ -309,6 +328,7 @@ def _dev_key(config: Config) -> str:
 
 
 def _load_example(config: Config) -> str:
+    import workers.actions  # noqa: F401  (the example's actions must be registered to validate it)
     from app import keys, workflows
     from app.db import Database
     from models import Workflow
@@ -424,8 +444,6 @@ def workflows_apply(file: Any, company: str | None) -> None:
 
 
 # --------------------------------------------------------------------------- runs
-
-TERMINAL = ("completed", "failed", "cancelled", "timeout")
 
 
 def _run_json(session: Any, company_id: str, run_id: str) -> dict[str, Any]:
@@ -549,9 +567,9 @@ def runs_watch(run_id: str, company: str | None, interval: float) -> None:
                 seen[step["stepId"]] = state
                 took = f" {step['durationMs']} ms" if step.get("durationMs") is not None else ""
                 click.echo(f"{step['stepId']}: {step['status']} (attempt {step['attempt']}){took}")
-        if data["status"] in TERMINAL:
+        if is_terminal(data["status"]):
             click.echo(
                 f"run {data['status']}" + (f": {data['error']['message']}" if data.get("error") else "")
             )
-            sys.exit(0 if data["status"] == "completed" else 1)
+            sys.exit(0 if data["status"] == RunStatus.COMPLETED else 1)
         time.sleep(interval)

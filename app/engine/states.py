@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from functools import cache
 from enum import Enum
+from functools import cache
 
 from models.states import RunStatus, StepStatus
 
