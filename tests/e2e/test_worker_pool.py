@@ -109,8 +109,8 @@ def start_pool(pool_config: Config, tmp_path: Path) -> Iterator[Callable[..., Po
             BATON_QUEUE_NAMESPACE=pool_config.queue_namespace,
             BATON_HTTP_ALLOW_NETWORKS="127.0.0.0/8",
             BATON_LOG_LEVEL="INFO",
-            **(env or {}),
         )
+        child_env.update(env or {})
         log = tmp_path / f"pool-{len(started)}.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen(
@@ -254,3 +254,72 @@ def test_without_redis_url_and_no_embedded_redis_the_command_exits_1(command, co
         f"Error: no Redis answers on {tmp_path / 'var' / 'redis.sock'}: set REDIS_URL, or start `baton dev`"
     ]
     assert not (tmp_path / "var" / "redis.sock").exists()
+
+
+@pytest.fixture
+def sweeper(pool_services: Any) -> Iterator[Any]:
+    """The scheduler's sweeps, sending into this module's namespace."""
+    import threading
+
+    from workers.scheduler import Scheduler
+
+    instance = Scheduler(pool_services, interval_s=0.2)
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    yield instance
+    instance.stop()
+    thread.join(timeout=10)
+
+
+def _logs(client: Any, headers: dict[str, str], run_id: str) -> list[dict[str, Any]]:
+    return client.get(f"/api/v1/runs/{run_id}/logs", headers=headers).get_json()["data"]["logs"]
+
+
+def test_leases_recover_a_dead_workers_step_and_spare_a_slow_one(
+    start_pool, sweeper, pool_config, pool_services, make_workflow, wait_run, client, headers
+):
+    """A step that kills its worker fails WORKER_LOST after maxAttempts, within maxAttempts × 45 s
+    (default timeoutMs: the heartbeat lease, not the timeout, decides); a 60 s step whose worker
+    is alive (timeoutMs 120000) is never taken from it. The two run in separate pools and queues,
+    so the dying step cannot take the slow one with it."""
+    import tests.e2e.process_actions  # noqa: F401  (the API validates action names)
+
+    modules = {"BATON_ACTION_MODULES": "tests.e2e.process_actions"}
+    retry = {"maxAttempts": 2, "initialDelayMs": 0, "maxDelayMs": 0}
+    dies = make_workflow([{"id": "die", "action": "test.kill-own-worker", "retry": retry}])
+    slow = make_workflow(
+        [{"id": "slow", "action": "test.sleep", "input": {"seconds": 60}, "timeoutMs": 120000}]
+    )
+    slow_config = pool_config.with_overrides(queue_namespace=f"{pool_config.queue_namespace}-slow")
+    slow_services = dataclasses.replace(
+        pool_services, queue=StepQueue(make_broker(slow_config)), namespace=slow_config.queue_namespace
+    )
+    slow_pool = start_pool(
+        "-p", "1", "-t", "2", env={**modules, "BATON_QUEUE_NAMESPACE": slow_config.queue_namespace}
+    )
+    pool = start_pool("-p", "2", "-t", "2", env=modules)
+    slow_pool.ready_children(1)
+    pool.ready_children(2)
+
+    slow_app = create_app(slow_config, slow_services)
+    slow_run = slow_app.test_client().post(
+        f"/api/v1/workflows/{slow}/runs", json={"input": {}}, headers=headers
+    )
+    assert slow_run.status_code == 202
+    started = time.monotonic()
+    dead_run = client.post(f"/api/v1/workflows/{dies}/runs", json={"input": {}}, headers=headers)
+    dead = wait_run(dead_run.get_json()["data"]["id"], timeout=2 * 45)
+    assert time.monotonic() - started <= 2 * 45
+    assert dead["status"] == "failed"
+    assert dead["error"]["code"] == "STEP_ERROR"
+    (step,) = dead["stepResults"]
+    assert step["status"] == "error" and step["attempt"] == 2
+    assert step["error"]["code"] == "WORKER_LOST"
+    attempts = _logs(client, headers, dead["id"])
+    assert [(a["attempt"], a["error"]["code"]) for a in attempts] == [(1, "WORKER_LOST"), (2, "WORKER_LOST")]
+    assert pool.proc.poll() is None  # the pool survived both deaths
+
+    done = wait_run(slow_run.get_json()["data"]["id"], timeout=90)
+    assert done["status"] == "completed", done
+    assert done["output"] == {"slept": 60}
+    assert [(a["attempt"], a["status"]) for a in _logs(client, headers, done["id"])] == [(1, "success")]
