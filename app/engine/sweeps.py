@@ -117,9 +117,12 @@ def sweep_lost_messages(
 def sweep_broker_restart(services: Services, session: Session, now: datetime) -> int:
     """Redis restarted empty (its epoch key is gone): every queued step and parked delay lost its
     message at once, so all are sent again now rather than STUCK_AFTER later."""
-    if not services.redis.set(services.key("epoch"), uuid.uuid4().hex, nx=True):
+    epoch = services.key("epoch")
+    if services.redis.exists(epoch):
         return 0
     count = sweep_lost_messages(services, session, now, since=now)
+    # Set only once every message went out: a resend cut short by another outage runs again.
+    services.redis.set(epoch, uuid.uuid4().hex)
     if count:
         logger.warning("the broker's Redis is new or was restarted: re-sent %d step message(s)", count)
     return count
