@@ -24,11 +24,11 @@ waits (bounded) for every run to be final, reads the figures from PostgreSQL and
 on stdout, ending with one JSON line of the figures.
 
 Exit status: 0 when every must-be-zero figure is zero; 1 when one is not (runs not final,
-duplicate success records, completed runs without output, a fault whose recovery exceeds 45 s --
-the first step completed after it and, for a worker kill, the pool whole again and the steps
-running at the kill finished --, the worker pool or another Baton process exiting); 2 when the setup failed; 130 on SIGINT or
-SIGTERM. Clean-up (processes by PID, the cluster, Redis) runs in every case. Progress goes to
-stderr; the Baton processes' output to ``var/chaos-*.log``.
+duplicate success records, completed runs without output, the worker pool or another Baton
+process exiting, a fault whose recovery exceeds 45 s: the first step completed after it and, for a
+worker kill, the pool whole again and the steps running at the kill finished); 2 when the setup
+failed; 130 on SIGINT or SIGTERM. Clean-up (processes by PID, the cluster, Redis) runs in every
+case. Progress goes to stderr; the Baton processes' output to ``var/chaos-*.log``.
 """
 
 from __future__ import annotations
