@@ -1,0 +1,508 @@
+"""claim_step, record_result (chain, retry, fail, complete, park), release_claim, renew_leases."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import delete
+
+from app import engine
+from app.engine import Outcome
+from app.engine.execution import lease_until
+from app.engine.states import LEASE, LEASE_GRACE
+from app.services import Services
+from app.timeutil import duration_ms, epoch_ms, utcnow
+from models import Run
+from models.states import RunStatus, StepStatus
+from tests.integration.conftest import Engine, failure, parked, retrying, step, success, until_past
+
+R, S = RunStatus, StepStatus
+
+
+# ------------------------------------------------------------------ lease_until
+
+
+def test_lease_runs_a_lease_past_now_but_never_past_timeout_plus_grace() -> None:
+    start = utcnow()
+    long_step = {"timeoutMs": 3_600_000}
+    assert lease_until(start, long_step, start) == start + LEASE
+    later = start + timedelta(minutes=10)
+    assert lease_until(start, long_step, later) == later + LEASE
+    short_step = {"timeoutMs": 1000}
+    hard = start + timedelta(milliseconds=1000) + LEASE_GRACE
+    assert lease_until(start, short_step, start + timedelta(seconds=20)) == hard
+    assert lease_until(start, short_step, start + timedelta(hours=1)) == hard
+
+
+# ------------------------------------------------------------------ claim_step
+
+
+def test_claim_takes_the_queued_step_and_starts_the_run(e: Engine) -> None:
+    wid = e.workflow(step("a", input={"x": "{{ input.n }}"}), step("b"))
+    run_id = e.trigger(wid, {"n": 7})
+    before = utcnow()
+    claim = e.claim(run_id, "a")
+    after = utcnow()
+    assert claim is not None
+    assert (claim.run_id, claim.workflow_id, claim.trigger_type) == (run_id, wid, "api")
+    assert (claim.step_id, claim.position, claim.attempt, claim.is_last) == ("a", 0, 1, False)
+    assert claim.run_input == {"n": 7}
+    assert [s["id"] for s in claim.definition["steps"]] == ["a", "b"]
+    assert claim.results == {} and claim.resumed_input is None and claim.waited_since is None
+    assert before <= claim.started_at <= after
+    assert claim.key == (run_id, "a", 1)
+    assert claim.template_context()["run"] == {"id": run_id, "workflowId": wid, "triggerType": "api"}
+    row = e.step(run_id, "a")
+    assert row.status == S.RUNNING and row.started_at == claim.started_at
+    assert row.lease_expires_at == claim.started_at + LEASE
+    run = e.run(run_id)
+    assert run.status == R.RUNNING and run.started_at == claim.started_at
+
+
+def test_a_duplicate_message_claims_nothing(e: Engine) -> None:
+    run_id = e.trigger(e.workflow(step("a")))
+    assert e.claim(run_id, "a") is not None
+    assert e.claim(run_id, "a") is None
+    assert e.step(run_id, "a").status == S.RUNNING
+
+
+@pytest.mark.parametrize(("step_id", "attempt"), [("a", 2), ("a", 0), ("b", 0), ("b", 1), ("nope", 1)])
+def test_a_stale_or_wrong_message_claims_nothing(e: Engine, step_id: str, attempt: int) -> None:
+    run_id = e.trigger(e.workflow(step("a"), step("b")))
+    assert e.claim(run_id, step_id, attempt) is None
+    assert e.statuses(run_id) == [S.QUEUED, S.PENDING]
+    assert e.run(run_id).status == R.PENDING
+
+
+def test_a_message_for_a_missing_run_claims_nothing(e: Engine) -> None:
+    assert e.claim("run_00000000-0000-0000-0000-000000000000", "a") is None
+
+
+def test_a_message_for_a_cancelled_run_claims_nothing(e: Engine) -> None:
+    run_id = e.trigger(e.workflow(step("a")))
+    e.cancel(run_id)
+    assert e.claim(run_id, "a") is None
+    assert e.statuses(run_id) == [S.SKIPPED]
+
+
+def test_a_claim_past_the_deadline_times_the_pending_run_out(e: Engine) -> None:
+    run_id = e.trigger(e.workflow(step("a"), step("b"), timeoutMs=1))
+    until_past(e.run(run_id).deadline_at)
+    assert e.claim(run_id, "a") is None
+    run = e.run(run_id)
+    assert run.status == R.TIMEOUT and run.error["code"] == "RUN_TIMEOUT"
+    assert e.statuses(run_id) == [S.SKIPPED, S.SKIPPED]
+    assert e.services.is_cancel_requested(run_id), "the flag mirrors the timeout"
+
+
+def test_a_retry_claimed_past_the_deadline_times_the_running_run_out(e: Engine) -> None:
+    run_id, claim = e.start(retrying("a", 3), timeoutMs=300)
+    e.record(claim, failure(retriable=True))
+    until_past(e.run(run_id).deadline_at)
+    assert e.claim(run_id, "a", 2) is None
+    assert e.run(run_id).status == R.TIMEOUT
+    assert e.statuses(run_id) == [S.SKIPPED]
+
+
+def test_a_delay_not_yet_due_is_not_claimed_and_a_due_one_resumes(e: Engine) -> None:
+    run_id, claim = e.start(step("wait", "delay"), step("b"))
+    until = utcnow() + timedelta(milliseconds=80)
+    e.record(claim, parked(until))
+    assert e.claim(run_id, "wait") is None, "not due yet"
+    until_past(until)
+    resumed = e.claim(run_id, "wait")
+    assert resumed is not None
+    assert resumed.resumed_input == {"p": 1}
+    assert resumed.waited_since == claim.started_at == resumed.started_at
+    row = e.step(run_id, "wait")
+    assert row.status == S.RUNNING and row.started_at == claim.started_at and row.lease_expires_at is not None
+    # The executor completes a due delay without running it again.
+    done = Outcome(
+        S.SUCCESS, input=resumed.resumed_input, output={"delayedMs": 80}, started_at=resumed.waited_since
+    )
+    nxt = e.record(resumed, done)
+    assert nxt.claim is not None and nxt.claim.step_id == "b"
+    assert nxt.claim.results["wait"] == {"output": {"delayedMs": 80}, "status": S.SUCCESS}
+    assert e.step(run_id, "wait").status == S.SUCCESS
+
+
+def test_a_claim_carries_the_results_of_finished_steps(e: Engine) -> None:
+    run_id, claim = e.start(retrying("a", 1), retrying("b", 2), step("c"))
+    b = e.record(claim, success({"v": 1})).claim
+    e.record(b, failure(retriable=True))
+    again = e.claim(run_id, "b", 2)
+    assert again is not None and again.attempt == 2
+    assert again.results == {"a": {"output": {"v": 1}, "status": S.SUCCESS}}
+
+
+# ------------------------------------------------------------------ record: chain and complete
+
+
+def test_success_chains_to_the_next_step_in_one_commit_without_a_message(e: Engine) -> None:
+    run_id, claim = e.start(step("a"), step("b"), step("c"))
+    completed = utcnow()
+    nxt = e.record(claim, success({"v": 1}, completed_at=completed))
+    assert nxt.enqueue is None and e.sent(run_id) == [], "chaining needs no broker hop"
+    follow = nxt.claim
+    assert follow is not None
+    assert (follow.step_id, follow.position, follow.attempt, follow.started_at) == ("b", 1, 1, completed)
+    assert follow.results == {"a": {"output": {"v": 1}, "status": S.SUCCESS}}
+    a, b = e.step(run_id, "a"), e.step(run_id, "b")
+    assert (a.status, a.output, a.completed_at, a.lease_expires_at) == (S.SUCCESS, {"v": 1}, completed, None)
+    assert a.duration_ms == duration_ms(claim.started_at, completed)
+    assert (b.status, b.attempt, b.started_at) == (S.RUNNING, 1, completed)
+    assert b.lease_expires_at == completed + LEASE
+    [log] = e.attempts(run_id)
+    assert (log.step_id, log.attempt, log.status, log.output) == ("a", 1, S.SUCCESS, {"v": 1})
+
+
+def test_the_last_success_completes_the_run_with_its_output(e: Engine) -> None:
+    run_id, claim = e.start(step("a"), step("b"))
+    b = e.record(claim, success({"v": 1})).claim
+    done_at = utcnow()
+    assert e.record(b, success({"v": 2}, completed_at=done_at)).claim is None
+    run = e.run(run_id)
+    assert (run.status, run.output, run.error, run.completed_at) == (R.COMPLETED, {"v": 2}, None, done_at)
+    assert run.duration_ms == duration_ms(run.started_at, done_at)
+    assert e.statuses(run_id) == [S.SUCCESS, S.SUCCESS]
+    assert [(a.step_id, a.status) for a in e.attempts(run_id)] == [("a", S.SUCCESS), ("b", S.SUCCESS)]
+
+
+def test_a_skipped_last_step_leaves_the_output_of_the_last_success(e: Engine) -> None:
+    run_id, claim = e.start(step("a"), step("b"))
+    b = e.record(claim, success({"v": 1})).claim
+    e.record(b, Outcome(S.SKIPPED))
+    run = e.run(run_id)
+    assert run.status == R.COMPLETED and run.output == {"v": 1}
+    assert e.statuses(run_id) == [S.SUCCESS, S.SKIPPED]
+
+
+def test_a_run_of_skipped_steps_completes_with_no_output(e: Engine) -> None:
+    run_id, claim = e.start(step("a"), step("b"))
+    b = e.record(claim, Outcome(S.SKIPPED)).claim
+    assert b is not None, "a skipped step chains like a success"
+    e.record(b, Outcome(S.SKIPPED))
+    run = e.run(run_id)
+    assert run.status == R.COMPLETED and run.output is None
+
+
+def test_the_output_mapping_renders_from_the_steps(e: Engine) -> None:
+    run_id, claim = e.start(
+        step("a"),
+        step("b"),
+        output={"sum": "{{ steps.a.output.v + steps.b.output.v }}", "id": "{{ run.id }}"},
+    )
+    b = e.record(claim, success({"v": 1})).claim
+    e.record(b, success({"v": 2}))
+    assert e.run(run_id).output == {"sum": 3, "id": run_id}
+
+
+def test_an_output_mapping_that_fails_fails_the_run(e: Engine) -> None:
+    run_id, claim = e.start(step("a"), output={"x": "{{ steps.a.output.missing.deeper }}"})
+    e.record(claim, success({"v": 1}))
+    run = e.run(run_id)
+    assert run.status == R.FAILED and run.error["code"] == "OUTPUT_ERROR" and run.output is None
+    assert e.statuses(run_id) == [S.SUCCESS], "the step itself succeeded"
+
+
+# ------------------------------------------------------------------ record: retry and fail
+
+
+def test_a_retriable_failure_queues_the_next_attempt_after_its_backoff(e: Engine) -> None:
+    run_id, claim = e.start(retrying("a", 3), step("b"))
+    failed_at = utcnow()
+    nxt = e.record(claim, failure("503", retriable=True, completed_at=failed_at))
+    assert nxt.claim is None and nxt.enqueue is not None
+    assert nxt.enqueue[:3] == (run_id, "a", 2)
+    delay = nxt.enqueue[3]
+    assert 500 <= delay <= 1000, "fixed 1 s back-off with equal jitter"
+    row = e.step(run_id, "a")
+    assert (row.status, row.attempt, row.lease_expires_at, row.completed_at) == (S.QUEUED, 2, None, None)
+    assert row.queued_at == failed_at + timedelta(milliseconds=delay)
+    assert row.error == {"code": "HTTP_ERROR", "message": "503"}
+    assert e.run(run_id).status == R.RUNNING
+    [log] = e.attempts(run_id)
+    assert (log.attempt, log.status, log.error["message"]) == (1, S.ERROR, "503")
+    [sent] = e.sent(run_id)
+    assert (sent.step_id, sent.attempt, sent.delayed) == ("a", 2, True)
+    assert epoch_ms(failed_at) + delay - 5000 <= sent.eta <= epoch_ms(utcnow()) + delay
+    assert engine.shown_in_results(row.status, row.attempt)
+
+
+def test_the_next_attempt_runs_and_succeeds(e: Engine) -> None:
+    run_id, claim = e.start(retrying("a", 3))
+    e.record(claim, failure(retriable=True))
+    second = e.claim(run_id, "a", 2)
+    assert second is not None and second.attempt == 2
+    assert e.claim(run_id, "a", 1) is None, "the first attempt's message is stale"
+    e.record(second, success({"ok": 2}))
+    row = e.step(run_id, "a")
+    assert (row.status, row.attempt, row.error, row.output) == (S.SUCCESS, 2, None, {"ok": 2})
+    assert [(a.attempt, a.status) for a in e.attempts(run_id)] == [(1, S.ERROR), (2, S.SUCCESS)]
+    assert e.run(run_id).status == R.COMPLETED
+
+
+def test_retry_after_is_honoured(e: Engine) -> None:
+    run_id, claim = e.start(retrying("a", 2))
+    nxt = e.record(claim, failure(retriable=True, retry_after_ms=5000))
+    assert nxt.enqueue == (run_id, "a", 2, 5000)
+
+
+def test_retry_after_is_capped_at_max_delay(e: Engine) -> None:
+    retry = {"maxAttempts": 2, "backoff": "fixed", "initialDelayMs": 100, "maxDelayMs": 2000}
+    run_id, claim = e.start(step("a", retry=retry))
+    nxt = e.record(claim, failure(retriable=True, retry_after_ms=3_600_000))
+    assert nxt.enqueue == (run_id, "a", 2, 2000)
+
+
+def test_an_exhausted_retriable_failure_fails_the_run(e: Engine) -> None:
+    run_id, claim = e.start(retrying("a", 2), step("b"), step("c"))
+    e.record(claim, failure(retriable=True))
+    last = e.claim(run_id, "a", 2)
+    nxt = e.record(last, failure("still down", retriable=True))
+    assert nxt.claim is None and nxt.enqueue is None
+    run = e.run(run_id)
+    assert run.status == R.FAILED and run.error == {"code": "STEP_ERROR", "message": "still down"}
+    assert e.statuses(run_id) == [S.ERROR, S.SKIPPED, S.SKIPPED]
+    assert e.step(run_id, "a").attempt == 2
+    assert [m.attempt for m in e.sent(run_id)] == [2], "no third attempt"
+
+
+def test_a_non_retriable_failure_fails_at_once_with_attempts_left(e: Engine) -> None:
+    run_id, claim = e.start(retrying("a", 5), step("b"))
+    e.record(claim, failure("400", retriable=False))
+    assert e.run(run_id).status == R.FAILED
+    assert e.statuses(run_id) == [S.ERROR, S.SKIPPED]
+    assert e.sent(run_id) == []
+
+
+def test_a_failure_without_a_message_fails_the_run_with_a_generic_one(e: Engine) -> None:
+    run_id, claim = e.start(step("a"))
+    e.record(claim, Outcome(S.ERROR))
+    assert e.run(run_id).error == {"code": "STEP_ERROR", "message": "Step failed"}
+
+
+# ------------------------------------------------------------------ record after the run ended
+
+
+def test_a_step_finishing_after_cancel_records_its_result_and_nothing_follows(e: Engine) -> None:
+    run_id, claim = e.start(step("a"), step("b"))
+    e.cancel(run_id)
+    assert e.statuses(run_id) == [S.RUNNING, S.SKIPPED], "a running step finishes"
+    nxt = e.record(claim, success({"v": 1}))
+    assert nxt.claim is None and nxt.enqueue is None
+    assert e.statuses(run_id) == [S.SUCCESS, S.SKIPPED]
+    assert e.run(run_id).status == R.CANCELLED
+
+
+def test_a_last_step_finishing_after_cancel_leaves_the_run_cancelled(e: Engine) -> None:
+    run_id, claim = e.start(step("a"))
+    e.cancel(run_id)
+    e.record(claim, success({"v": 1}))
+    run = e.run(run_id)
+    assert run.status == R.CANCELLED and run.output is None
+    assert e.statuses(run_id) == [S.SUCCESS]
+
+
+def test_a_failure_after_cancel_is_recorded_and_the_run_stays_cancelled(e: Engine) -> None:
+    run_id, claim = e.start(step("a"), step("b"))
+    e.cancel(run_id)
+    e.record(claim, failure("late"))
+    run = e.run(run_id)
+    assert run.status == R.CANCELLED and run.error is None
+    assert e.statuses(run_id) == [S.ERROR, S.SKIPPED]
+
+
+def test_a_retriable_failure_after_cancel_is_final(e: Engine) -> None:
+    run_id, claim = e.start(retrying("a", 3))
+    e.cancel(run_id)
+    nxt = e.record(claim, failure(retriable=True))
+    assert nxt.enqueue is None and e.sent(run_id) == []
+    row = e.step(run_id, "a")
+    assert (row.status, row.attempt) == (S.ERROR, 1)
+    assert e.run(run_id).status == R.CANCELLED
+
+
+def test_a_park_after_cancel_skips_the_step(e: Engine) -> None:
+    run_id, claim = e.start(step("wait", "delay"), step("b"))
+    e.cancel(run_id)
+    nxt = e.record(claim, parked(utcnow() + timedelta(minutes=1)))
+    assert nxt.enqueue is None and e.sent(run_id) == []
+    assert e.statuses(run_id) == [S.SKIPPED, S.SKIPPED]
+    assert e.step(run_id, "wait").lease_expires_at is None
+
+
+def test_a_recorded_attempt_cannot_be_recorded_twice(e: Engine) -> None:
+    run_id, claim = e.start(step("a"), step("b"))
+    first = e.record(claim, success({"v": 1}))
+    again = e.record(claim, success({"v": "dup"}))
+    assert again.claim is None and again.enqueue is None
+    assert e.step(run_id, "a").output == {"v": 1}
+    assert len(e.attempts(run_id)) == 1
+    assert first.claim is not None and e.step(run_id, "b").status == S.RUNNING
+
+
+@pytest.mark.parametrize(
+    "outcome", [success(), failure(), failure(retriable=True)], ids=["success", "error", "retry"]
+)
+def test_a_second_record_of_the_last_step_changes_nothing(e: Engine, outcome: Outcome) -> None:
+    run_id, claim = e.start(retrying("a", 3))
+    e.record(claim, failure("first"))
+    run = e.run(run_id)
+    assert e.record(claim, outcome) == engine.Next()
+    assert e.run(run_id).status == run.status == R.FAILED
+    assert len(e.attempts(run_id)) == 1 and e.sent(run_id) == []
+
+
+def test_a_duplicate_retriable_failure_queues_one_retry(e: Engine) -> None:
+    run_id, claim = e.start(retrying("a", 3))
+    first = e.record(claim, failure(retriable=True))
+    assert e.record(claim, failure(retriable=True)) == engine.Next()
+    row = e.step(run_id, "a")
+    assert (row.status, row.attempt) == (S.QUEUED, 2)
+    assert [m.attempt for m in e.sent(run_id)] == [2] and first.enqueue is not None
+    assert len(e.attempts(run_id)) == 1
+
+
+def test_a_second_park_changes_nothing(e: Engine) -> None:
+    run_id, claim = e.start(step("wait", "delay"))
+    until = utcnow() + timedelta(minutes=1)
+    e.record(claim, parked(until))
+    assert e.record(claim, parked(until + timedelta(hours=1))) == engine.Next()
+    assert e.step(run_id, "wait").queued_at == until
+    assert len(e.sent(run_id)) == 1
+
+
+def test_a_result_for_a_run_that_no_longer_exists_is_dropped(e: Engine) -> None:
+    run_id, claim = e.start(step("a"))
+    with e.services.db.session() as session:
+        session.execute(delete(Run).where(Run.id == run_id))
+        session.commit()
+    assert e.record(claim, success()) == engine.Next()
+
+
+# ------------------------------------------------------------------ record: park
+
+
+def test_a_delay_parks_in_the_database_and_comes_back_as_a_delayed_message(e: Engine) -> None:
+    run_id, claim = e.start(step("wait", "delay"), step("b"))
+    until = utcnow() + timedelta(seconds=90)
+    now = utcnow()
+    nxt = e.record(claim, parked(until))
+    assert nxt.claim is None and nxt.enqueue is not None
+    assert nxt.enqueue[:3] == (run_id, "wait", 1)
+    assert duration_ms(now, until) - 1000 <= nxt.enqueue[3] <= duration_ms(now, until)
+    row = e.step(run_id, "wait")
+    assert (row.status, row.queued_at, row.input, row.lease_expires_at) == (S.WAITING, until, {"p": 1}, None)
+    assert row.started_at == claim.started_at and row.completed_at is None
+    assert e.run(run_id).status == R.RUNNING
+    [sent] = e.sent(run_id)
+    assert (sent.step_id, sent.attempt, sent.delayed) == ("wait", 1, True)
+    assert abs(sent.eta - epoch_ms(until)) < 1000
+    assert e.attempts(run_id) == [], "the attempt is logged when it completes"
+
+
+def test_a_delay_already_due_comes_back_at_once(e: Engine) -> None:
+    run_id, claim = e.start(step("wait", "delay"))
+    nxt = e.record(claim, parked(utcnow() - timedelta(seconds=5)))
+    assert nxt.enqueue == (run_id, "wait", 1, 0)
+    [sent] = e.sent(run_id)
+    assert not sent.delayed
+
+
+def test_an_approval_suspends_the_run_and_sends_nothing(e: Engine) -> None:
+    run_id, claim = e.start(step("ok", "approval"), step("b"))
+    until = utcnow() + timedelta(hours=1)
+    nxt = e.record(claim, parked(until, suspend=True))
+    assert nxt == engine.Next()
+    assert e.run(run_id).status == R.SUSPENDED
+    row = e.step(run_id, "ok")
+    assert (row.status, row.queued_at) == (S.WAITING, until)
+    assert e.sent(run_id) == []
+
+
+def test_a_park_with_no_due_time_and_no_suspend_waits_without_a_message(e: Engine) -> None:
+    run_id, claim = e.start(step("wait", "delay"))
+    assert e.record(claim, parked(None)) == engine.Next()
+    assert e.step(run_id, "wait").status == S.WAITING
+    assert e.run(run_id).status == R.RUNNING
+    assert e.sent(run_id) == []
+
+
+# ------------------------------------------------------------------ release_claim
+
+
+def test_release_skips_a_claimed_step_that_must_not_start(e: Engine) -> None:
+    run_id, claim = e.start(step("a"), step("b"))
+    b = e.record(claim, success()).claim
+    e.cancel(run_id)  # after the chain claimed b: b is running, not yet started by its worker
+    assert e.statuses(run_id) == [S.SUCCESS, S.RUNNING]
+    engine.release_claim(e.services, b)
+    row = e.step(run_id, "b")
+    assert (row.status, row.lease_expires_at) == (S.SKIPPED, None)
+    assert row.completed_at is not None
+    assert [a.step_id for a in e.attempts(run_id)] == ["a"], "a released step made no attempt"
+
+
+def test_release_of_a_claim_no_longer_held_changes_nothing(e: Engine) -> None:
+    run_id, claim = e.start(step("a"))
+    e.record(claim, success())
+    engine.release_claim(e.services, claim)
+    assert e.statuses(run_id) == [S.SUCCESS]
+
+
+# ------------------------------------------------------------------ renew_leases
+
+
+def test_renew_with_nothing_held_does_nothing(e: Engine) -> None:
+    assert engine.renew_leases(e.services, []) == 0
+
+
+def test_renew_extends_the_lease_of_a_running_step(e: Engine) -> None:
+    run_id, claim = e.start(step("a"))
+    first = e.step(run_id, "a").lease_expires_at
+    until_past(claim.started_at + timedelta(milliseconds=5))
+    before = utcnow()
+    assert engine.renew_leases(e.services, [(claim, before)]) == 1
+    after = utcnow()
+    lease = e.step(run_id, "a").lease_expires_at
+    assert before + LEASE <= lease <= after + LEASE
+    assert lease > first
+
+
+def test_renew_never_extends_past_timeout_plus_grace(e: Engine) -> None:
+    run_id, claim = e.start(step("a", timeoutMs=1000))
+    held_since = utcnow() - timedelta(hours=1)
+    engine.renew_leases(e.services, [(claim, held_since)])
+    assert e.step(run_id, "a").lease_expires_at == held_since + timedelta(milliseconds=1000) + LEASE_GRACE
+
+
+def test_renew_touches_only_running_steps_of_the_attempt_held(e: Engine) -> None:
+    run_id, claim = e.start(retrying("a", 3), step("b"))
+    lease = e.step(run_id, "a").lease_expires_at
+    stale = dataclasses.replace(claim, attempt=2)
+    engine.renew_leases(e.services, [(stale, utcnow() + timedelta(hours=1))])
+    assert e.step(run_id, "a").lease_expires_at == lease, "another attempt's lease is not this worker's"
+    e.record(claim, failure(retriable=True))  # now queued for attempt 2
+    engine.renew_leases(e.services, [(claim, utcnow()), (stale, utcnow())])
+    row = e.step(run_id, "a")
+    assert (row.status, row.lease_expires_at) == (S.QUEUED, None), "a queued step holds no lease"
+    other_run, other = e.start(step("a"))
+    other_lease = e.step(other_run, "a").lease_expires_at
+    engine.renew_leases(e.services, [(claim, utcnow())])
+    assert e.step(other_run, "a").lease_expires_at == other_lease, "only the steps held"
+    assert other is not None
+
+
+# ------------------------------------------------------------------ the broker is down
+
+
+def test_a_retry_whose_message_cannot_be_sent_is_still_recorded(e: Engine, broker_down: Services) -> None:
+    run_id, claim = e.start(retrying("a", 3))
+    nxt = engine.record_result(broker_down, claim, failure(retriable=True))
+    assert nxt.enqueue is not None and nxt.enqueue[:3] == (run_id, "a", 2)
+    row = e.step(run_id, "a")
+    assert (row.status, row.attempt) == (S.QUEUED, 2), "the row is the truth; the sweep sends it"
+    assert e.sent(run_id) == []
