@@ -10,8 +10,8 @@ from sqlalchemy.orm import Session
 
 from app.engine import transitions as move
 from app.engine.execution import complete_run
-from app.engine.reads import definition_for, lock_company_run, step_runs
-from app.engine.states import RUN_CANCELLABLE, STEP_FINISHED
+from app.engine.reads import definition_for, lock_company_run, results_of, step_runs
+from app.engine.states import RUN_CANCELLABLE
 from app.engine.trigger import send_or_leave_to_sweep
 from app.engine.types import Claim
 from app.errors import InvalidState
@@ -104,11 +104,7 @@ def _continue_after(session: Session, run: Run, row: StepRun, now: datetime) -> 
         position=row.position,
         attempt=row.attempt,
         started_at=row.started_at or now,
-        results={
-            r.step_id: {"output": r.output, "status": r.status}
-            for r in step_runs(session, run.id)
-            if r.status in STEP_FINISHED
-        },
+        results=results_of(step_runs(session, run.id)),
     )
     complete_run(session, run, claim, now)
     return None

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from app import templating
 from app.engine import statements as sql
 from app.engine import transitions as move
-from app.engine.reads import definition_for, lock_run, step_runs
+from app.engine.reads import definition_for, lock_run, results_of, step_runs
 from app.engine.retry import RetryPolicy
 from app.engine.states import LEASE, LEASE_GRACE, RUN_EXECUTING, STEP_FINISHED
 from app.engine.trigger import send_or_leave_to_sweep
@@ -72,9 +72,7 @@ def claim_step(services: Services, run_id: str, step_id: str, attempt: int) -> C
         position=target.position,
         attempt=attempt,
         started_at=started or now,
-        results={
-            r.step_id: {"output": r.output, "status": r.status} for r in rows if r.status in STEP_FINISHED
-        },
+        results=results_of(rows),
         resumed_input=target.input if due else None,
         waited_since=target.started_at if due else None,
     )

@@ -9,6 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.engine import statements as sql
+from app.engine.states import STEP_FINISHED
 from app.errors import NotFound
 from app.ids import WORKFLOW_ID
 from models import Run, StepAttempt, StepRun, Workflow, WorkflowVersion
@@ -84,3 +85,8 @@ def step_attempts(session: Session, run_id: str) -> list[StepAttempt]:
             .order_by(StepAttempt.position, StepAttempt.attempt, StepAttempt.id)
         ).scalars()
     )
+
+
+def results_of(rows: list[StepRun]) -> dict[str, dict[str, Any]]:
+    """The finished steps' outputs and statuses: the ``steps`` of the template context."""
+    return {r.step_id: {"output": r.output, "status": r.status} for r in rows if r.status in STEP_FINISHED}

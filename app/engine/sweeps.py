@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Iterator
 from datetime import datetime
 
-from sqlalchemy import or_, select
+from sqlalchemy import Select, or_, select
 from sqlalchemy.orm import Session
 
 from app.engine import statements as sql
@@ -61,16 +62,13 @@ def sweep_timeouts(services: Services, session: Session, now: datetime) -> int:
 
 def sweep_approvals(session: Session, now: datetime) -> int:
     """Approvals past their ``timeoutMs`` fail the run with APPROVAL_TIMEOUT."""
-    expired = session.execute(
+    expired = (
         select(StepRun.run_id, StepRun.step_id)
         .join(Run, Run.id == StepRun.run_id)
         .where(Run.status == R.SUSPENDED, StepRun.status == S.WAITING, StepRun.queued_at <= now)
-        .limit(BATCH)
-    ).all()
+    )
     count = 0
-    for run_id, step_id in expired:
-        run = lock_run(session, run_id)
-        row = step_row(session, run_id, step_id)
+    for run, row in _locked_steps(session, expired):
         if run is not None and run.status == R.SUSPENDED and row.status == S.WAITING:
             _fail_step(session, run, row, APPROVAL_TIMEOUT, now, "APPROVAL_TIMEOUT")
             count += 1
@@ -130,24 +128,28 @@ def sweep_broker_restart(services: Services, session: Session, now: datetime) ->
 
 def sweep_dead_workers(services: Services, session: Session, now: datetime) -> int:
     """A step whose lease expired (its worker died) gets a new attempt, or fails with WORKER_LOST."""
-    lost = session.execute(
-        select(StepRun.run_id, StepRun.step_id)
-        .where(StepRun.status == S.RUNNING, StepRun.lease_expires_at <= now)
-        .limit(BATCH)
-    ).all()
+    lost = select(StepRun.run_id, StepRun.step_id).where(
+        StepRun.status == S.RUNNING, StepRun.lease_expires_at <= now
+    )
     count = 0
-    for run_id, step_id in lost:
-        run = lock_run(session, run_id)
-        row = step_row(session, run_id, step_id)
+    for run, row in _locked_steps(session, lost):
         if run is None or row.status != S.RUNNING or row.lease_expires_at > now:
             session.rollback()
             continue
         enqueue = _recover_lost_step(session, run, row, now)
         session.commit()
         if enqueue:
-            services.queue.enqueue(run_id, step_id, row.attempt)
+            services.queue.enqueue(row.run_id, row.step_id, row.attempt)
         count += 1
     return count
+
+
+def _locked_steps(session: Session, query: Select) -> Iterator[tuple[Run | None, StepRun]]:
+    """For each (run_id, step_id) the query finds: its run locked, then the step row re-read
+    under that lock (the caller checks both are still as the query saw them)."""
+    for run_id, step_id in session.execute(query.limit(BATCH)).all():
+        run = lock_run(session, run_id)
+        yield run, step_row(session, run_id, step_id)
 
 
 def _recover_lost_step(session: Session, run: Run, row: StepRun, now: datetime) -> bool:
