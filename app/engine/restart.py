@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app.engine.reads import definition_for, get_run, get_workflow, step_runs
-from app.engine.states import RUN_RESTARTABLE, RUN_RETRIABLE, STEP_REUSABLE
+from app.engine.states import RUN_RESTARTABLE, RUN_RETRIABLE, reusable
 from app.engine.trigger import create_run, insert_run, request_hash
 from app.errors import InvalidState, InvalidStep
 from app.services import Services
@@ -80,7 +80,9 @@ def plan_restart(
     ids = [step["id"] for step in definition["steps"]]
     if mode == "retry":
         failed = [
-            r for r in sorted(old_steps.values(), key=lambda r: r.position) if r.status not in STEP_REUSABLE
+            r
+            for r in sorted(old_steps.values(), key=lambda r: r.position)
+            if not reusable(r.status, r.duration_ms)
         ]
         from_step_id = failed[0].step_id if failed else ids[0]
     if from_step_id not in ids:
@@ -88,7 +90,7 @@ def plan_restart(
     start = ids.index(from_step_id)
     for step_id in ids[:start]:
         row = old_steps.get(step_id)
-        if row is None or row.status not in STEP_REUSABLE:
+        if row is None or not reusable(row.status, row.duration_ms):
             raise InvalidStep(f"Step {step_id} has no result to reuse; restart from it or an earlier step")
     fingerprint = request_hash(
         {"op": mode, "run": run_id, "from": from_step_id, "input": override_input, "version": version_choice}

@@ -58,8 +58,6 @@ RUN_CANCELLABLE = RUN_ACTIVE
 RUN_RETRIABLE = frozenset({R.FAILED, R.TIMEOUT})
 RUN_RESTARTABLE = frozenset({R.COMPLETED, R.FAILED, R.TIMEOUT})
 STEP_FINISHED = frozenset({S.SUCCESS, S.ERROR, S.SKIPPED})
-# Finished steps whose result a restart may reuse.
-STEP_REUSABLE = frozenset({S.SUCCESS, S.SKIPPED})
 # Steps not started when a run is cancelled or times out (a running one finishes and records).
 STEP_UNREACHED = frozenset({S.PENDING, S.QUEUED, S.WAITING})
 
@@ -120,6 +118,12 @@ def check_step_move(frm: StepStatus, to: StepStatus) -> None:
 
 def is_terminal(status: str) -> bool:
     return status in RUN_TERMINAL
+
+
+def reusable(status: StepStatus, duration_ms: int | None) -> bool:
+    """A step whose result a retry or restart may copy: it succeeded, or its ``if`` skipped it.
+    A step skipped because its run ended (cancel, timeout, failure) never ran: it has no duration."""
+    return status == S.SUCCESS or (status == S.SKIPPED and duration_ms is not None)
 
 
 def attempt_made(status: StepStatus, attempt: int) -> int:

@@ -180,17 +180,6 @@ def test_deep_merge() -> None:
     assert original == {"a": {"b": 1}}, "the original input is not changed"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG app/engine/restart.py:81-85 (plan_restart, mode='retry'): the first 'failed' step is the first "
-        "whose status is not in STEP_REUSABLE (success, skipped), but the steps a timeout (or cancel) left "
-        "unreached are skipped too (transitions.skip_unreached), so a run that timed out while step b was "
-        "queued for its next attempt (or waiting on a delay) has no 'failed' step and retry falls back to "
-        "the first step: a, which succeeded, is executed again. The spec says retry resumes 'from the "
-        "first failed step' — b here."
-    ),
-)
 def test_retry_of_a_run_that_timed_out_mid_retry_resumes_at_that_step(e: Engine) -> None:
     run_id, claim = e.start(step("a"), retrying("b", 3), step("c"), timeoutMs=60_000)
     b = e.record(claim, success({"v": "a"})).claim

@@ -90,7 +90,21 @@ def test_active_and_terminal_partition_run_statuses() -> None:
     assert states.RUN_EXECUTING <= RUN_ACTIVE
     assert states.RUN_CANCELLABLE == RUN_ACTIVE
     assert states.RUN_RETRIABLE <= RUN_TERMINAL and states.RUN_RESTARTABLE <= RUN_TERMINAL
-    assert states.STEP_REUSABLE <= STEP_FINISHED
+
+
+@pytest.mark.parametrize(
+    "status,duration_ms,expected",
+    [
+        (S.SUCCESS, 12, True),
+        (S.SKIPPED, 0, True),  # its `if` skipped it: a decided result
+        (S.SKIPPED, None, False),  # its run ended before it ran
+        (S.ERROR, 5, False),
+        (S.QUEUED, None, False),
+        (S.PENDING, None, False),
+    ],
+)
+def test_reusable_means_succeeded_or_skipped_by_its_condition(status, duration_ms, expected) -> None:
+    assert states.reusable(status, duration_ms) is expected
 
 
 def test_cancel_reaches_every_cancellable_run_status() -> None:
