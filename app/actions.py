@@ -43,6 +43,11 @@ class Park:
     until: datetime | None
     suspend: bool = False
 
+    def __post_init__(self) -> None:
+        if self.until is None and not self.suspend:
+            # A step waiting for nothing would have no owner (nobody would ever bring it back).
+            raise ValueError("Park needs `until` (when the step is due) or `suspend=True`")
+
 
 @dataclass(frozen=True)
 class ActionContext:

@@ -69,7 +69,7 @@ def sweep_approvals(session: Session, now: datetime) -> int:
     )
     count = 0
     for run, row in _locked_steps(session, expired):
-        if run is not None and run.status == R.SUSPENDED and row.status == S.WAITING:
+        if run.status == R.SUSPENDED and row.status == S.WAITING:
             _fail_step(session, run, row, APPROVAL_TIMEOUT, now, "APPROVAL_TIMEOUT")
             count += 1
         session.commit()
@@ -133,7 +133,7 @@ def sweep_dead_workers(services: Services, session: Session, now: datetime) -> i
     )
     count = 0
     for run, row in _locked_steps(session, lost):
-        if run is None or row.status != S.RUNNING or row.lease_expires_at > now:
+        if row.status != S.RUNNING or row.lease_expires_at > now:
             session.rollback()
             continue
         enqueue = _recover_lost_step(session, run, row, now)
@@ -144,12 +144,13 @@ def sweep_dead_workers(services: Services, session: Session, now: datetime) -> i
     return count
 
 
-def _locked_steps(session: Session, query: Select) -> Iterator[tuple[Run | None, StepRun]]:
+def _locked_steps(session: Session, query: Select) -> Iterator[tuple[Run, StepRun]]:
     """For each (run_id, step_id) the query finds: its run locked, then the step row re-read
     under that lock (the caller checks both are still as the query saw them)."""
     for run_id, step_id in session.execute(query.limit(BATCH)).all():
         run = lock_run(session, run_id)
-        yield run, step_row(session, run_id, step_id)
+        if run is not None:  # a run deleted meanwhile has no steps left to look at
+            yield run, step_row(session, run_id, step_id)
 
 
 def _recover_lost_step(session: Session, run: Run, row: StepRun, now: datetime) -> bool:

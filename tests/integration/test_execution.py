@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import delete
 
 from app import engine
+from app.actions import Park
 from app.engine import Outcome
 from app.engine.execution import lease_until
 from app.engine.states import LEASE, LEASE_GRACE
@@ -423,12 +424,11 @@ def test_an_approval_suspends_the_run_and_sends_nothing(e: Engine) -> None:
     assert e.sent(run_id) == []
 
 
-def test_a_park_with_no_due_time_and_no_suspend_waits_without_a_message(e: Engine) -> None:
-    run_id, claim = e.start(step("wait", "delay"))
-    assert e.record(claim, parked(None)) == engine.Next()
-    assert e.step(run_id, "wait").status == S.WAITING
-    assert e.run(run_id).status == R.RUNNING
-    assert e.sent(run_id) == []
+def test_a_park_with_no_due_time_and_no_suspend_is_refused() -> None:
+    """A step waiting for nothing would have no owner: such a Park cannot be made."""
+    with pytest.raises(ValueError, match="until"):
+        Park(until=None)
+    assert Park(until=None, suspend=True).suspend
 
 
 # ------------------------------------------------------------------ release_claim
