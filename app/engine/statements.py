@@ -3,6 +3,7 @@ than running them (measured). Bulk updates skip the ORM identity-map sync for th
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 from sqlalchemy import bindparam, exists, insert, select, update
@@ -82,3 +83,27 @@ RENEW_LEASE = (
 LOCK_RUN = select(Run).where(Run.id == bindparam("run_id")).with_for_update()
 # The hot path leaves the run's JSON input and output unloaded under the lock.
 LOCK_RUN_LEAN = LOCK_RUN.options(defer(Run.input), defer(Run.output))
+
+
+@cache
+def move_run(to: RunStatus, columns: tuple[str, ...], sources: tuple[RunStatus, ...]) -> Any:
+    """A run (``b_id``) → ``to`` from ``sources``, setting ``columns`` (binds of the same name)."""
+    return (
+        update(RUNS)
+        .where(RUNS.c.id == bindparam("b_id"), RUNS.c.status.in_(sources))
+        .values(status=to, **{name: bindparam(name) for name in columns})
+    )
+
+
+@cache
+def move_step(to: StepStatus, columns: tuple[str, ...]) -> Any:
+    """A step row (``b_id``) in ``b_status`` at ``b_attempt`` → ``to``, setting ``columns``."""
+    return (
+        update(STEPS)
+        .where(
+            STEPS.c.id == bindparam("b_id"),
+            STEPS.c.status == bindparam("b_status"),
+            STEPS.c.attempt == bindparam("b_attempt"),
+        )
+        .values(status=to, **{name: bindparam(name) for name in columns})
+    )

@@ -29,10 +29,8 @@ R, S = RunStatus, StepStatus
 def move_run(session: Session, run: Run, to: RunStatus, **values: Any) -> bool:
     """``run`` (read under its lock) → ``to``; the loaded object follows the row."""
     check_run_move(run.status, to)
-    changed = session.execute(
-        sql.update_runs().where(Run.id == run.id, Run.status.in_(run_sources(to))).values(status=to, **values)
-    ).rowcount
-    if changed != 1:
+    statement = sql.move_run(to, tuple(sorted(values)), run_sources(to))
+    if session.execute(statement, {"b_id": run.id, **values}).rowcount != 1:
         return False
     for name, value in {"status": to, **values}.items():
         set_committed_value(run, name, value)
@@ -84,14 +82,7 @@ def end_run(session: Session, run: Run, to: RunStatus, now: datetime, *, error: 
 def claim_step(session: Session, row: StepRun, values: dict[str, Any]) -> bool:
     """A queued step (or a due waiting one) → running, for the attempt the message names."""
     check_step_move(row.status, S.RUNNING)
-    return (
-        session.execute(
-            sql.update_steps()
-            .where(StepRun.id == row.id, StepRun.status == row.status, StepRun.attempt == row.attempt)
-            .values(status=S.RUNNING, **values)
-        ).rowcount
-        == 1
-    )
+    return _move_step_row(session, row, S.RUNNING, values)
 
 
 def claim_next(session: Session, claim: Claim, position: int, now: datetime, lease: datetime) -> bool:
@@ -129,16 +120,17 @@ def update_claimed(session: Session, claim: Claim, to: StepStatus, **values: Any
 def move_step(session: Session, row: StepRun, to: StepStatus, **values: Any) -> bool:
     """A step row (read under its run's lock) → ``to``; the loaded object follows the row."""
     check_step_move(row.status, to)
-    changed = session.execute(
-        sql.update_steps()
-        .where(StepRun.id == row.id, StepRun.status == row.status, StepRun.attempt == row.attempt)
-        .values(status=to, **values)
-    ).rowcount
-    if changed != 1:
+    if not _move_step_row(session, row, to, values):
         return False
     for name, value in {"status": to, **values}.items():
         set_committed_value(row, name, value)
     return True
+
+
+def _move_step_row(session: Session, row: StepRun, to: StepStatus, values: dict[str, Any]) -> bool:
+    statement = sql.move_step(to, tuple(sorted(values)))
+    params = {"b_id": row.id, "b_status": row.status, "b_attempt": row.attempt, **values}
+    return session.execute(statement, params).rowcount == 1
 
 
 def queue_pending(session: Session, run_id: str, step_id: str, now: datetime) -> bool:
