@@ -128,6 +128,18 @@ def new_key(services: Services, label: str = "test") -> str:
     return key
 
 
+def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll ``condition`` until it is truthy; fail after ``timeout`` seconds (never a bare sleep)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
 @pytest.fixture
 def api_key(services: Services) -> str:
     """A fresh company per test keeps tests independent without truncating tables."""

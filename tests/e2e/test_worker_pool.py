@@ -22,6 +22,7 @@ import pytest
 from app.config import Config
 from app.factory import create_app
 from app.queue import StepQueue, make_broker
+from tests.conftest import wait_for
 
 BATON = str(Path(sys.executable).with_name("baton"))
 
@@ -36,18 +37,6 @@ def children(pid: int) -> list[int]:
 
 def alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists()
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:.0f} s: {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")

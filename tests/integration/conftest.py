@@ -9,7 +9,6 @@ never consumes these messages.
 from __future__ import annotations
 
 import dataclasses
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from app.timeutil import utcnow
 from models import Run, StepAttempt, StepRun
 from models.states import RunStatus, StepStatus
 from tests import factories
+from tests.conftest import wait_for
 
 R, S = RunStatus, StepStatus
 
@@ -250,18 +250,6 @@ def e(engine_services: Services, queue: BrokerQueue) -> Iterator[Engine]:
     instance = Engine(engine_services, queue)
     yield instance
     instance.end_live_runs()
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll ``condition`` until it is truthy; fail after ``timeout`` seconds (never a bare sleep)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
 
 
 def blocked_on_locks(services: Services) -> int:
