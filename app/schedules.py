@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
@@ -30,6 +30,10 @@ def check(cron: str, tz: str) -> str | None:
         ZoneInfo(tz)
     except (ZoneInfoNotFoundError, ValueError):
         return f"unknown timezone {tz!r}"
+    try:
+        next_fire(cron, tz, utcnow())
+    except CroniterBadDateError:
+        return f"cron expression {cron!r} never fires (no such date)"
     return None
 
 

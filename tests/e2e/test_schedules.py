@@ -132,3 +132,16 @@ def test_two_scheduler_processes_fire_once_per_second(config, services, make_wor
     gaps = [(b - a).total_seconds() for a, b in zip(fire_times, fire_times[1:], strict=False)]
     assert all(gap == 1 for gap in gaps), f"every second fires once, none missed: {gaps}"
     assert fire_times[0] >= datetime.now(timezone.utc) - timedelta(seconds=30)
+
+
+def test_a_schedule_that_never_fires_is_a_validation_error(client, headers):
+    body = {
+        "name": "never",
+        "steps": [{"id": "a", "action": "transform"}],
+        "triggers": {"schedule": {"cron": "0 0 30 2 *"}},
+    }
+    response = client.post("/api/v1/workflows", json=body, headers=headers)
+    assert response.status_code == 400
+    error = response.get_json()["error"]
+    assert error["code"] == "VALIDATION_ERROR"
+    assert "never fires" in error["message"]

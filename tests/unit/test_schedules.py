@@ -246,11 +246,6 @@ def test_unknown_timezone(tz):
     assert check("0 9 * * *", tz) == f"unknown timezone {tz!r}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: check() accepts a cron that never fires (Feb 30); next_fire then raises "
-    "CroniterBadDateError, so creating such a workflow answers 500 instead of VALIDATION_ERROR",
-)
 @pytest.mark.parametrize("cron", ["0 0 30 2 *", "0 0 31 4 *"])
 def test_a_cron_that_never_fires_is_invalid(cron):
     assert check(cron, "UTC") is not None
