@@ -340,28 +340,14 @@ def test_check_syntax_with_a_prefix_path():
 # --------------------------------------------------------------------------- whitespace control
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a whole `{{- expr }}` is evaluated as the expression `- expr` (the whitespace-control "
-    "marker is taken for a unary minus), so it renders -3 instead of 3",
-)
 def test_whitespace_control_marker_does_not_negate_a_native_value():
     assert render("{{- input.n }}", ctx()) == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: `{{ expr -}}` / `{{- expr -}}` (valid Jinja) fail to render with a syntax error: the "
-    "native-value path compiles the text between the braces, markers included",
-)
 def test_whitespace_control_markers_render_a_native_value():
     assert render("{{ input.n -}}", ctx()) == 3
     assert render("{{- input.obj -}}", ctx()) == {"a": [1, 2], "b": {"c": "d"}}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: check_syntax (so workflow validation) refuses the valid Jinja template `{{- x -}}`",
-)
 def test_check_syntax_accepts_whitespace_control_markers():
     assert check_syntax({"a": "{{- input.n -}}", "b": "{{ input.n -}}"}) == []
