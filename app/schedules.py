@@ -43,6 +43,15 @@ def _fixed_hour(cron: str) -> bool:
     return "*" not in hour and "/" not in hour
 
 
+def _second_pass(candidate: datetime, zone: ZoneInfo) -> bool:
+    """``candidate`` is the second pass of a local time the clock went through twice (fall back)."""
+    naive = candidate.replace(tzinfo=None)
+    first, second = naive.replace(tzinfo=zone, fold=0), naive.replace(tzinfo=zone, fold=1)
+    return first.utcoffset() != second.utcoffset() and candidate.astimezone(
+        timezone.utc
+    ) == second.astimezone(timezone.utc)
+
+
 def next_fire(cron: str, tz: str, after: datetime) -> datetime:
     """The first fire time strictly after ``after`` (UTC), as cron users expect across DST.
 
@@ -50,28 +59,31 @@ def next_fire(cron: str, tz: str, after: datetime) -> datetime:
     a job at a fixed hour fires once, not again in the repeated hour.
     """
     zone = ZoneInfo(tz)
-    local = after.astimezone(zone)
-    it = croniter(cron, local, second_at_beginning=_seconds_first(cron))
+    it = croniter(cron, after.astimezone(zone), second_at_beginning=_seconds_first(cron))
     candidate = it.get_next(datetime)
     if _fixed_hour(cron):
-        previous = croniter(cron, local + timedelta(microseconds=1), second_at_beginning=_seconds_first(cron))
-        last = previous.get_prev(datetime)
-        while (
-            candidate.replace(tzinfo=None) == last.replace(tzinfo=None)
-            and candidate.utcoffset() != last.utcoffset()
-        ):
+        while _second_pass(candidate, zone):
             candidate = it.get_next(datetime)
     return candidate.astimezone(timezone.utc)
 
 
 def latest_fire(cron: str, tz: str, now: datetime) -> datetime:
-    """The most recent fire time at or before ``now`` (UTC)."""
+    """The most recent fire time at or before ``now`` (UTC), the same times ``next_fire`` gives.
+
+    croniter's previous match is reckoned in local time, which is off by the DST shift around
+    a repeated hour; walking forward with ``next_fire`` from just before it settles that.
+    """
     local = now.astimezone(ZoneInfo(tz)) + timedelta(microseconds=1)
-    return (
-        croniter(cron, local, second_at_beginning=_seconds_first(cron))
-        .get_prev(datetime)
-        .astimezone(timezone.utc)
-    )
+    approx = croniter(cron, local, second_at_beginning=_seconds_first(cron)).get_prev(datetime)
+    approx = approx.astimezone(timezone.utc)
+    fire = None
+    cursor = approx - timedelta(hours=3) if approx > now else approx - timedelta(microseconds=1)
+    for _ in range(20_000):  # a few steps, except right after a DST shift of a per-second cron
+        following = next_fire(cron, tz, cursor)
+        if following > now:
+            break
+        fire = cursor = following
+    return fire or approx
 
 
 def sync(

@@ -182,12 +182,6 @@ def test_latest_and_next_bracket_now(cron, tz, start):
         assert next_fire(cron, tz, latest) == following, moment
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: in the repeated hour of a fall-back night latest_fire returns the fire time of the first "
-    "pass (e.g. 00:00 UTC for the 01:00 UTC fire in Berlin); fire_due uses it as the run's idempotency key, "
-    "so the key already exists and those fires make no run: an hourly job silently skips the repeated hour",
-)
 @pytest.mark.parametrize(
     ("cron", "tz", "fire"),
     [
@@ -201,12 +195,6 @@ def test_latest_fire_in_the_repeated_hour_is_the_fire_just_due(cron, tz, fire):
     assert latest_fire(cron, tz, fire + timedelta(milliseconds=50)) == fire
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a fixed-hour schedule computed during the repeated hour (e.g. the workflow saved at "
-    "01:10 UTC on 2024-10-27 in Berlin) gets next_run_at = the second 02:30, so the job runs twice that "
-    "night; latest_fire then also misses the first 02:30",
-)
 def test_fixed_hour_schedule_computed_in_the_repeated_hour_does_not_fire_again():
     moment = at(2024, 10, 27, 1, 10)  # 02:10 CET, after 02:30 CEST (00:30 UTC) fired
     assert latest_fire("30 2 * * *", "Europe/Berlin", moment) == at(2024, 10, 27, 0, 30)
