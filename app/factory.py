@@ -16,6 +16,9 @@ from app.definition import flatten
 from app.errors import (
     BatonError,
     InternalError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
     ServiceUnavailable,
     ValidationError,
     for_status,
@@ -32,31 +35,30 @@ class BatonApi(Api):
     ERROR_SCHEMA = ErrorEnvelopeSchema
 
     def handle_http_exception(self, error: HTTPException) -> Any:
-        data = getattr(error, "data", None) or {}
-        status = error.code or 500
-        cls = for_status(status)
-        body: dict[str, Any] = {"code": cls.code, "message": error.description or error.name}
-        if status in (404, 413):
-            body["message"] = cls.default_message
-        elif status == 400 and not data:
-            body["message"] = "Malformed request"
-        messages = data.get("messages")
-        if messages:
-            # webargs nests messages by location: {"query": {"limit": [...]}}
-            details: dict[str, list[str]] = {}
-            for location_messages in messages.values():
-                details.update(flatten(location_messages))
-            status, body["code"] = 400, "VALIDATION_ERROR"
-            first, problems = next(iter(details.items()))
-            body["message"] = f"Invalid {first}: {problems[0]}"
-            body["details"] = details
-        if status >= 500:
-            body = {"code": InternalError.code, "message": InternalError.default_message}
-        headers = dict(data.get("headers") or {})
-        if status == 405:
-            # Keep Werkzeug's Allow header (RFC 9110 requires it on a 405).
-            headers.update({k: v for k, v in error.get_headers() if k.lower() == "allow"})
-        return jsonify({"success": False, "error": body}), status, headers
+        """Werkzeug's and webargs' errors become the Baton error of their status."""
+        return _handle_baton_error(_as_baton_error(error))
+
+
+def _as_baton_error(error: HTTPException) -> BatonError:
+    data = getattr(error, "data", None) or {}
+    cls = for_status(error.code or 500)
+    headers = dict(data.get("headers") or {})
+    if cls is MethodNotAllowed:
+        # Keep Werkzeug's Allow header (RFC 9110 requires it on a 405).
+        headers.update({k: v for k, v in error.get_headers() if k.lower() == "allow"})
+    messages = data.get("messages")
+    if messages:
+        # webargs nests messages by location: {"query": {"limit": [...]}}
+        details: dict[str, list[str]] = {}
+        for location_messages in messages.values():
+            details.update(flatten(location_messages))
+        first, problems = next(iter(details.items()))
+        return ValidationError(f"Invalid {first}: {problems[0]}", details=details, headers=headers)
+    if cls in (NotFound, PayloadTooLarge, InternalError):
+        return cls(headers=headers)  # their own words, never a stack trace or a URL
+    if cls is ValidationError and not data:
+        return cls("Malformed request", headers=headers)
+    return cls(error.description or error.name, headers=headers)
 
 
 def _handle_baton_error(error: BatonError) -> Any:
