@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from app.config import Config
+
 ActionFunc = Callable[["ActionContext", Any], Any]
 _REGISTRY: dict[str, ActionFunc] = {}
 
@@ -58,6 +60,7 @@ class ActionContext:
     attempt: int
     timeout_s: float
     started_at: datetime | None = None
+    config: Config | None = None  # the process's settings (outbound policy, limits)
 
 
 def action(name: str) -> Callable[[ActionFunc], ActionFunc]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 
@@ -25,6 +25,7 @@ class Services:
     redis: redis.Redis
     queue: StepQueue
     namespace: str = "baton"
+    config: Config = field(default_factory=Config)
 
     def key(self, *parts: str) -> str:
         """A Redis key in this deployment's namespace."""
@@ -68,4 +69,5 @@ def build_services(config: Config, *, pool_size: int = 10) -> Services:
         redis=make_redis(config),
         queue=StepQueue(make_broker(config)),
         namespace=config.queue_namespace,
+        config=config,
     )

@@ -61,7 +61,7 @@ def main() -> int:
     upgrade(db)
     redis = make_redis(config)
     redis.flushdb()
-    services = Services(db=db, redis=redis, queue=StepQueue(make_broker(config)))
+    services = Services(db=db, redis=redis, queue=StepQueue(make_broker(config)), config=config)
     with db.session() as session:
         company = keys.get_or_create_company(session, "bench")
         session.commit()

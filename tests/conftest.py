@@ -59,7 +59,13 @@ def services(config: Config) -> Iterator[Services]:
         conn.execute(text(f"CREATE SCHEMA {SCHEMA}"))
     upgrade(db)
     broker = make_broker(config)
-    svc = Services(db=db, redis=make_redis(config), queue=StepQueue(broker), namespace=config.queue_namespace)
+    svc = Services(
+        db=db,
+        redis=make_redis(config),
+        queue=StepQueue(broker),
+        namespace=config.queue_namespace,
+        config=config,
+    )
     yield svc
     for key in svc.redis.scan_iter(f"{config.queue_namespace}:*"):
         svc.redis.delete(key)

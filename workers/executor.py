@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from app import engine, templating
 from app.actions import ActionContext, Park, StepError
 from app.actions import get as get_action
+from app.config import Config
 from app.engine import Claim, Outcome
 from app.errors import is_transient
 from app.services import Services
@@ -28,41 +29,64 @@ T = TypeVar("T")
 PERSIST_FOR_S = 120.0  # how long a held step's record is retried through an outage
 
 
-def run_action(claim: Claim, step_input: Any, time_limit: StepTimeLimit) -> Any:
-    """Call the step's action under its timeout; errors come back as ``StepError``."""
+def run_action(claim: Claim, step_input: Any, config: Config | None = None) -> Any:
+    """Call the step's action (the caller holds the step's time limit); errors are ``StepError``."""
     step = claim.step
     func = get_action(step["action"])
     if func is None:
         raise StepError("UNKNOWN_ACTION", f"Unknown action {step['action']!r}")
-    timeout_s = step["timeoutMs"] / 1000
-    ctx = ActionContext(claim.run_id, claim.step_id, claim.attempt, timeout_s, claim.started_at)
-    try:
-        token = time_limit.arm(timeout_s)
-        try:
-            return func(ctx, step_input)
-        finally:
-            time_limit.disarm(token)
-    except StepTimeout:
-        message = f"Step {claim.step_id!r} exceeded its timeout of {step['timeoutMs']} ms"
-        raise StepError("STEP_TIMEOUT", message, retriable=True) from None
+    ctx = ActionContext(
+        claim.run_id, claim.step_id, claim.attempt, step["timeoutMs"] / 1000, claim.started_at, config
+    )
+    return func(ctx, step_input)
 
 
-def execute(claim: Claim, time_limit: StepTimeLimit) -> Outcome:
-    """Render, evaluate ``if``, run the action; never raises for a step failure."""
+def execute(claim: Claim, time_limit: StepTimeLimit, config: Config | None = None) -> Outcome:
+    """Evaluate ``if``, render and run the action, all within the step's ``timeoutMs``; never
+    raises for a step failure."""
     started = utcnow()
     if claim.waited_since is not None:
         # A delay that is now due: it completes without running anything.
         output = {"delayedMs": duration_ms(claim.waited_since, started)}
         return Outcome(S.SUCCESS, input=claim.resumed_input, output=output, started_at=claim.waited_since)
+    token = time_limit.arm(claim.step["timeoutMs"] / 1000)
+    acting, step_input = False, None
+    try:
+        rendered = _render(claim, started)
+        if isinstance(rendered, Outcome):
+            return rendered
+        acting, step_input = True, rendered
+        return _act(claim, step_input, started, config)
+    except StepTimeout:
+        timeout_ms = claim.step["timeoutMs"]
+        if not acting:  # a template ran past the step's timeout (its own limits should stop it first)
+            message = f"Rendering took longer than the step's {timeout_ms} ms"
+            return Outcome(S.ERROR, error={"code": "TEMPLATE_ERROR", "message": message}, started_at=started)
+        message = f"Step {claim.step_id!r} exceeded its timeout of {timeout_ms} ms"
+        error = {"code": "STEP_TIMEOUT", "message": message}
+        return Outcome(S.ERROR, input=step_input, error=error, retriable=True, started_at=started)
+    finally:
+        time_limit.disarm(token)
+
+
+def _render(claim: Claim, started: Any) -> Any:
+    """The step's rendered input, or the Outcome that ends it here (``if`` false, template error)."""
     step, context = claim.step, claim.template_context()
     try:
         if "if" in step and not templating.truthy(step["if"], context):
             return Outcome(S.SKIPPED, started_at=started)
-        step_input = templating.render(step.get("input", {}), context, "input")
+        return templating.render(step.get("input", {}), context, "input")
     except templating.TemplateError as exc:
         return Outcome(S.ERROR, error={"code": "TEMPLATE_ERROR", "message": str(exc)}, started_at=started)
+    except (RecursionError, MemoryError, OverflowError) as exc:
+        message = f"Template could not be rendered: {type(exc).__name__}"
+        return Outcome(S.ERROR, error={"code": "TEMPLATE_ERROR", "message": message}, started_at=started)
+
+
+def _act(claim: Claim, step_input: Any, started: Any, config: Config | None) -> Outcome:
+    """Run the action on the rendered input: its output, a park, or its error."""
     try:
-        result = run_action(claim, step_input, time_limit)
+        result = run_action(claim, step_input, config)
         if isinstance(result, Park):
             return Outcome(S.WAITING, input=step_input, started_at=started, park=result)
         output = templating.to_json(result)
@@ -75,8 +99,10 @@ def execute(claim: Claim, time_limit: StepTimeLimit) -> Outcome:
             retry_after_ms=exc.retry_after_ms,
             started_at=started,
         )
+    except StepTimeout:
+        raise
     except Exception as exc:  # an action's bug must fail the step, not the worker
-        logger.exception("action %s of step %s crashed", step["action"], claim.step_id)
+        logger.exception("action %s of step %s crashed", claim.step["action"], claim.step_id)
         error = {"code": "ACTION_ERROR", "message": f"{type(exc).__name__}: {exc}"}
         return Outcome(S.ERROR, input=step_input, error=error, retriable=True, started_at=started)
     return Outcome(S.SUCCESS, input=step_input, output=output, started_at=started)
@@ -122,7 +148,7 @@ def execute_step(
     while claim is not None:
         leases.hold(claim)
         try:
-            outcome = execute(claim, time_limit)
+            outcome = execute(claim, time_limit, services.config)
             outcome.completed_at = outcome.completed_at or utcnow()
             nxt = persist(engine.record_result, services, claim, outcome)
         finally:

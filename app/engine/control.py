@@ -97,6 +97,7 @@ def _continue_after(session: Session, run: Run, row: StepRun, now: datetime) -> 
         return (run.id, next_id, 1)
     claim = Claim(
         run_id=run.id,
+        company_id=run.company_id,
         workflow_id=run.workflow_id,
         trigger_type=run.trigger_type,
         run_input=run.input,

@@ -65,6 +65,7 @@ def claim_step(services: Services, run_id: str, step_id: str, attempt: int) -> C
         session.commit()
     return Claim(
         run_id=run.id,
+        company_id=run.company_id,
         workflow_id=run.workflow_id,
         trigger_type=run.trigger_type,
         run_input=run.input,
@@ -175,6 +176,7 @@ def _chain(session: Session, claim: Claim, outcome: Outcome, now: datetime) -> N
         return Next()  # the run ended meanwhile (cancel, timeout): nothing follows
     follow = Claim(
         run_id=claim.run_id,
+        company_id=claim.company_id,
         workflow_id=claim.workflow_id,
         trigger_type=claim.trigger_type,
         run_input=claim.run_input,

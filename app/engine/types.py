@@ -30,6 +30,7 @@ class Claim:
     """A step this worker now owns: enough to render and run it without another query."""
 
     run_id: str
+    company_id: str
     workflow_id: str
     trigger_type: str
     run_input: Any

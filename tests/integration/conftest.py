@@ -121,7 +121,7 @@ def engine_services(config: Config, services: Services) -> Iterator[Services]:
     namespace of its own."""
     namespace = f"{config.queue_namespace}-engine"
     broker = make_broker(config.with_overrides(queue_namespace=namespace))
-    svc = Services(db=services.db, redis=services.redis, queue=StepQueue(broker), namespace=namespace)
+    svc = dataclasses.replace(services, queue=StepQueue(broker), namespace=namespace)
     yield svc
     for key in svc.redis.scan_iter(f"{namespace}:*"):
         svc.redis.delete(key)
