@@ -9,6 +9,7 @@ from models.runs import (
     StepAttempt,
     StepRun,
 )
+from models.secrets import Secret
 from models.states import RunStatus, StepStatus, TriggerType
 from models.tenancy import ApiKey, Company
 from models.triggers import Schedule, WebhookDelivery
@@ -24,6 +25,7 @@ __all__ = [
     "Run",
     "RunStatus",
     "Schedule",
+    "Secret",
     "StepAttempt",
     "StepRun",
     "StepStatus",
