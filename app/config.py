@@ -23,6 +23,9 @@ class Config:
     # would dominate step-to-step latency).
     worker_idle_timeout_ms: int = 20
     max_content_length: int = 1024 * 1024
+    # Fernet keys for the secrets store: the first encrypts, all decrypt (rotation). Empty means a
+    # development key derived from secret_key; production must set BATON_SECRETS_KEYS.
+    secrets_keys: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Config:
@@ -37,6 +40,7 @@ class Config:
             log_level=(env.get("BATON_LOG_LEVEL") or "INFO").upper(),
             var_dir=Path(env.get("BATON_VAR_DIR") or Path.cwd() / "var"),
             queue_namespace=env.get("BATON_QUEUE_NAMESPACE") or "baton",
+            secrets_keys=tuple(k.strip() for k in env.get("BATON_SECRETS_KEYS", "").split(",") if k.strip()),
         )
 
     def with_overrides(self, **changes: object) -> Config:
