@@ -23,6 +23,14 @@ class Config:
     # would dominate step-to-step latency).
     worker_idle_timeout_ms: int = 20
     max_content_length: int = 1024 * 1024
+    # Fairness (a rate string in the `limits` package's syntax): requests per API key, anonymous
+    # webhook deliveries per workflow, concurrently executing steps per company (0 = no cap),
+    # the shortest cron interval and the schedules one company may keep.
+    rate_limit: str = "3000/minute"
+    webhook_rate_limit: str = "600/minute"
+    company_max_concurrent_steps: int = 8
+    schedule_min_interval_s: int = 60
+    max_schedules_per_company: int = 100
     # Fernet keys for the secrets store: the first encrypts, all decrypt (rotation). Empty means a
     # development key derived from secret_key; production must set BATON_SECRETS_KEYS.
     secrets_keys: tuple[str, ...] = ()
@@ -40,6 +48,11 @@ class Config:
             log_level=(env.get("BATON_LOG_LEVEL") or "INFO").upper(),
             var_dir=Path(env.get("BATON_VAR_DIR") or Path.cwd() / "var"),
             queue_namespace=env.get("BATON_QUEUE_NAMESPACE") or "baton",
+            rate_limit=env.get("BATON_RATE_LIMIT") or "3000/minute",
+            webhook_rate_limit=env.get("BATON_WEBHOOK_RATE_LIMIT") or "600/minute",
+            company_max_concurrent_steps=int(env.get("BATON_COMPANY_MAX_CONCURRENT_STEPS") or 8),
+            schedule_min_interval_s=int(env.get("BATON_SCHEDULE_MIN_INTERVAL_S") or 60),
+            max_schedules_per_company=int(env.get("BATON_MAX_SCHEDULES_PER_COMPANY") or 100),
             secrets_keys=tuple(k.strip() for k in env.get("BATON_SECRETS_KEYS", "").split(",") if k.strip()),
         )
 
