@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+
+def _networks(value: str) -> tuple[str, ...]:
+    """Comma-separated CIDRs, normalised; a bad one is a configuration error, never ignored."""
+    networks = []
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        try:
+            networks.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError as exc:
+            raise ValueError(f"BATON_HTTP_ALLOW_NETWORKS: {item!r} is not a CIDR ({exc})") from None
+    return tuple(networks)
 
 
 @dataclass(frozen=True)
@@ -23,6 +37,10 @@ class Config:
     # would dominate step-to-step latency).
     worker_idle_timeout_ms: int = 20
     max_content_length: int = 1024 * 1024
+    # Outbound calls (http.request): CIDRs that may be reached although loopback, private or
+    # otherwise non-public (production default: none), and the cap on a response body.
+    http_allow_networks: tuple[str, ...] = ()
+    http_max_response_bytes: int = 1024 * 1024
     # Fairness (a rate string in the `limits` package's syntax): requests per API key, anonymous
     # webhook deliveries per workflow, concurrently executing steps per company (0 = no cap),
     # the shortest cron interval and the schedules one company may keep.
@@ -48,6 +66,8 @@ class Config:
             log_level=(env.get("BATON_LOG_LEVEL") or "INFO").upper(),
             var_dir=Path(env.get("BATON_VAR_DIR") or Path.cwd() / "var"),
             queue_namespace=env.get("BATON_QUEUE_NAMESPACE") or "baton",
+            http_allow_networks=_networks(env.get("BATON_HTTP_ALLOW_NETWORKS", "")),
+            http_max_response_bytes=int(env.get("BATON_HTTP_MAX_RESPONSE_BYTES") or 1024 * 1024),
             rate_limit=env.get("BATON_RATE_LIMIT") or "3000/minute",
             webhook_rate_limit=env.get("BATON_WEBHOOK_RATE_LIMIT") or "600/minute",
             company_max_concurrent_steps=int(env.get("BATON_COMPANY_MAX_CONCURRENT_STEPS") or 8),
