@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -10,17 +9,9 @@ import requests
 
 from app.actions import ActionContext, StepError, action
 from app.timeutil import utcnow
+from workers.actions import outbound
 
 _RETRIABLE_STATUS = {408, 429}
-_local = threading.local()
-
-
-def _session() -> requests.Session:
-    # One pooled session per worker thread: keep-alive without sharing across threads.
-    session = getattr(_local, "session", None)
-    if session is None:
-        session = _local.session = requests.Session()
-    return session
 
 
 def _retry_after_ms(value: str | None) -> int | None:
@@ -47,8 +38,6 @@ def http_request(ctx: ActionContext, params: Any) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "headers": {str(k): str(v) for k, v in (params.get("headers") or {}).items()},
         "params": params.get("query") or None,
-        "timeout": timeout_s,
-        "allow_redirects": True,
     }
     if "json" in params:
         kwargs["json"] = params["json"]
@@ -56,7 +45,10 @@ def http_request(ctx: ActionContext, params: Any) -> dict[str, Any]:
         body = params["body"]
         kwargs["data"] = body if isinstance(body, (str, bytes)) else str(body)
     try:
-        response = _session().request(method, params["url"], **kwargs)
+        # The guard resolves, checks every address and redirect hop, and caps the body.
+        response = outbound.fetch(
+            method, params["url"], outbound.Policy.from_config(ctx.config), timeout_s, **kwargs
+        )
     except requests.Timeout as exc:
         # The step's own timeoutMs is STEP_TIMEOUT; a shorter per-request timeoutMs is the request's.
         code = "STEP_TIMEOUT" if timeout_s >= ctx.timeout_s else "HTTP_TIMEOUT"
