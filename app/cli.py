@@ -201,6 +201,8 @@ def dev(host: str, port: int, processes: int, threads: int) -> None:
 
     config = _config()
     redis_process, key, workflow_id = _dev_prepare(config)
+    # A dev instance calls local targets: loopback is reachable unless the allow list is set.
+    env = {"BATON_HTTP_ALLOW_NETWORKS": "127.0.0.0/8,::1/128", **_child_env(config)}
     base_url = f"http://{host}:{port}"
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
     stopping = False
@@ -214,12 +216,10 @@ def dev(host: str, port: int, processes: int, threads: int) -> None:
     exit_code = 0
     try:
         _say(f"starting API on {base_url}")
-        children.append(("api", subprocess.Popen(api_command(config, host, port, 1), env=_child_env(config))))
+        children.append(("api", subprocess.Popen(api_command(config, host, port, 1), env=env)))
         _say(f"starting {processes} worker processes x {threads} threads, and the scheduler")
-        children.append(
-            ("worker", subprocess.Popen(worker_command(processes, threads), env=worker_env(config)))
-        )
-        children.append(("scheduler", subprocess.Popen(scheduler_command(), env=_child_env(config))))
+        children.append(("worker", subprocess.Popen(worker_command(processes, threads), env=env)))
+        children.append(("scheduler", subprocess.Popen(scheduler_command(), env=env)))
         if not _wait_ready(base_url, children, lambda: stopping):
             exit_code = 1
         else:

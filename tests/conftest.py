@@ -48,6 +48,7 @@ def config() -> Config:
         redis_url=env.redis_url or DEFAULT_REDIS_URL,
         broker_url=None,
         queue_namespace=f"baton-test-{uuid.uuid4().hex[:8]}",
+        http_allow_networks=("127.0.0.0/8", "::1/128"),  # step targets are local listeners
     )
 
 
