@@ -10,7 +10,7 @@ from marshmallow import ValidationError as MarshmallowError
 
 from app import keys
 from app.definition import flatten
-from app.errors import Unauthorized, ValidationError
+from app.errors import Forbidden, Unauthorized, ValidationError
 from app.services import Services
 
 
@@ -19,18 +19,25 @@ def services() -> Services:
 
 
 def authenticate() -> None:
-    """``before_request`` for authenticated blueprints: ``x-api-key`` → ``g.company_id``."""
+    """``before_request`` for authenticated blueprints: ``x-api-key`` → ``g.principal``, ``g.company_id``."""
     with services().db.session() as session:
-        company_id = keys.authenticate(session, request.headers.get("x-api-key"))
-    if company_id is None:
+        principal = keys.authenticate(session, request.headers.get("x-api-key"))
+    if principal is None:
         raise Unauthorized(
             "Missing or invalid API key" if request.headers.get("x-api-key") is None else "Invalid API key"
         )
-    g.company_id = company_id
+    g.principal = principal
+    g.company_id = principal.company_id
 
 
 def company_id() -> str:
     return g.company_id
+
+
+def require(scope: str) -> None:
+    """403 unless the request's key holds ``scope`` (``admin`` holds them all)."""
+    if not g.principal.allows(scope):
+        raise Forbidden(f"This API key lacks the {scope} scope")
 
 
 def json_body(*, required: bool = True) -> Any:

@@ -27,6 +27,7 @@ from api.schemas.runs import (
 from app import engine
 from app.errors import NotFound
 from app.ids import RUN_ID
+from app.keys import RUNS_READ, RUNS_WRITE
 from models import Run, RunStatus, StepStatus
 
 blp = Blueprint("runs", __name__, url_prefix="/api/v1/runs", description="Execute and monitor workflow runs")
@@ -70,6 +71,7 @@ class RunList(MethodView):
     @blp.response(200, RunListEnvelope)
     def get(self, args: dict[str, Any]) -> dict[str, Any]:
         """List runs, newest first, with cursor pagination."""
+        context.require(RUNS_READ)
         query = select(Run).where(Run.company_id == context.company_id())
         if "workflowId" in args:
             query = query.where(Run.workflow_id == args["workflowId"])
@@ -89,6 +91,7 @@ class RunItem(MethodView):
     @blp.response(200, RunEnvelope)
     def get(self, run_id: str) -> dict[str, Any]:
         """Get a run with its step results."""
+        context.require(RUNS_READ)
         with context.services().db.session() as session:
             run = engine.get_run(session, context.company_id(), _run_id(run_id))
             rows = engine.step_runs(session, run.id)
@@ -100,6 +103,7 @@ class RunLogs(MethodView):
     @blp.response(200, RunLogsEnvelope)
     def get(self, run_id: str) -> dict[str, Any]:
         """Execution log: one entry per attempt, plus the attempt in progress."""
+        context.require(RUNS_READ)
         with context.services().db.session() as session:
             run = engine.get_run(session, context.company_id(), _run_id(run_id))
             attempts = engine.step_attempts(session, run.id)
@@ -137,6 +141,7 @@ class RunCancel(MethodView):
     @blp.response(200, CancelEnvelope)
     def post(self, run_id: str) -> dict[str, Any]:
         """Cancel a pending or running run; no further step starts."""
+        context.require(RUNS_WRITE)
         services = context.services()
         key = context.idempotency_key()
         remembered = services.key("idem", "cancel", context.company_id(), key) if key else None
@@ -205,6 +210,7 @@ class RunRetry(MethodView):
     @blp.response(202, RestartEnvelope)
     def post(self, run_id: str) -> tuple[dict[str, Any], int, dict[str, str]]:
         """Retry a failed run from its first failed step, in a new run; the original input is kept."""
+        context.require(RUNS_WRITE)
         return _restart(run_id, "retry", context.load_body(RetryBodySchema(), required=False))
 
 
@@ -214,6 +220,7 @@ class RunRestart(MethodView):
     @blp.response(202, RestartEnvelope)
     def post(self, run_id: str) -> tuple[dict[str, Any], int, dict[str, str]]:
         """Restart a finished run from any step, reusing earlier outputs, optionally with input overrides."""
+        context.require(RUNS_WRITE)
         _run_id(run_id)
         return _restart(run_id, "restart", context.load_body(RestartBodySchema()))
 
@@ -224,6 +231,7 @@ class RunResume(MethodView):
     @blp.response(200, CancelEnvelope)
     def post(self, run_id: str) -> dict[str, Any]:
         """Answer a suspended run's approval: approve to continue (data becomes the step output)."""
+        context.require(RUNS_WRITE)
         _run_id(run_id)
         args = context.load_body(ResumeBodySchema())
         run = engine.resume_run(

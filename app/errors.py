@@ -33,6 +33,10 @@ class NotFound(BatonError):
     code, status, default_message = "NOT_FOUND", 404, "Not found"
 
 
+class Forbidden(BatonError):
+    code, status, default_message = "FORBIDDEN", 403, "This API key lacks the scope this route needs"
+
+
 class ValidationError(BatonError):
     code, status, default_message = "VALIDATION_ERROR", 400, "Invalid request"
 

@@ -30,3 +30,5 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Comma-separated scopes (app/keys.py names them); keys made before scopes existed are admin.
+    scopes: Mapped[str] = mapped_column(String(200), server_default="admin")
