@@ -374,15 +374,33 @@ def keys_group() -> None:
 @keys_group.command("create")
 @click.option("--company", required=True, help="company name; created when new")
 @click.option("--name", default="default", show_default=True, help="a label for the key")
-def keys_create(company: str, name: str) -> None:
+@click.option(
+    "--scopes", default="admin", show_default=True, help="comma-separated, e.g. runs:read,runs:write"
+)
+def keys_create(company: str, name: str, scopes: str) -> None:
     """Create an API key and print it, alone, on stdout (it is not shown again)."""
     from app import keys
 
     with _services().db.session() as session:
         row = keys.get_or_create_company(session, company)
-        key = keys.create_key(session, row, name)
+        key = keys.create_key(session, row, name, [s.strip() for s in scopes.split(",") if s.strip()])
         session.commit()
     click.echo(key)
+
+
+@keys_group.command("list")
+@click.option("--company", required=True, help="company name")
+def keys_list(company: str) -> None:
+    """The company's active keys: prefix, name, scopes, created, last used (never the key)."""
+    from app import keys
+    from app.timeutil import iso
+
+    with _services().db.session() as session:
+        rows = keys.list_keys(session, _company_id(session, company))
+    for row in rows:
+        used = iso(row.last_used_at) if row.last_used_at else "never"
+        scopes = ",".join(keys.scope_list(row))
+        click.echo(f"{row.prefix}\t{row.name}\t{scopes}\t{iso(row.created_at)}\t{used}")
 
 
 @keys_group.command("revoke")
@@ -441,6 +459,57 @@ def workflows_apply(file: Any, company: str | None) -> None:
             details = "; ".join(f"{k}: {v[0]}" for k, v in (exc.details or {}).items()) or exc.message
             _fail(f"{exc.code}: {details}")
     click.echo(workflow_id)
+
+
+@cli.group("secrets")
+def secrets_group() -> None:
+    """Encrypted secrets, used in templates as {{ secrets.NAME }}."""
+
+
+@secrets_group.command("set")
+@click.argument("name")
+@company_option
+def secrets_set(name: str, company: str | None) -> None:
+    """Create or replace secret NAME; the value is read from stdin (a hidden prompt on a terminal)."""
+    from app import secrets
+
+    tty = sys.stdin.isatty()
+    value = click.prompt("Value", hide_input=True) if tty else sys.stdin.read().rstrip("\r\n")
+    services = _services()
+    with services.db.session() as session:
+        try:
+            secrets.put(session, services.config, _company_id(session, company), name, value)
+        except BatonError as exc:
+            _fail(f"{exc.code}: {exc.message}")
+    click.echo(f"set {name}", err=True)
+
+
+@secrets_group.command("list")
+@company_option
+def secrets_list(company: str | None) -> None:
+    """The company's secrets: name, created, updated (never the value)."""
+    from app import secrets
+    from app.timeutil import iso
+
+    with _services().db.session() as session:
+        rows = secrets.list_(session, _company_id(session, company))
+    for row in rows:
+        click.echo(f"{row.name}\t{iso(row.created_at)}\t{iso(row.updated_at)}")
+
+
+@secrets_group.command("delete")
+@click.argument("name")
+@company_option
+def secrets_delete(name: str, company: str | None) -> None:
+    """Delete secret NAME."""
+    from app import secrets
+
+    with _services().db.session() as session:
+        try:
+            secrets.delete(session, _company_id(session, company), name)
+        except BatonError as exc:
+            _fail(f"{exc.code}: {exc.message}")
+    click.echo(f"deleted {name}", err=True)
 
 
 # --------------------------------------------------------------------------- runs
