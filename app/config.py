@@ -37,6 +37,8 @@ class Config:
     # would dominate step-to-step latency).
     worker_idle_timeout_ms: int = 20
     max_content_length: int = 1024 * 1024
+    # Request bodies nested deeper are refused (a parser, and every walk of the value, recurses).
+    json_max_depth: int = 64
     # Outbound calls (http.request): CIDRs that may be reached although loopback, private or
     # otherwise non-public (production default: none), and the cap on a response body.
     http_allow_networks: tuple[str, ...] = ()
@@ -74,6 +76,7 @@ class Config:
             schedule_min_interval_s=int(env.get("BATON_SCHEDULE_MIN_INTERVAL_S") or 60),
             max_schedules_per_company=int(env.get("BATON_MAX_SCHEDULES_PER_COMPANY") or 100),
             secrets_keys=tuple(k.strip() for k in env.get("BATON_SECRETS_KEYS", "").split(",") if k.strip()),
+            json_max_depth=int(env.get("BATON_JSON_MAX_DEPTH") or 64),
         )
 
     def with_overrides(self, **changes: object) -> Config:
