@@ -44,7 +44,9 @@ class WorkflowList(MethodView):
     def post(self) -> tuple[dict[str, Any], int]:
         """Create a workflow (version 1)."""
         with context.services().db.session() as session:
-            workflow, definition = workflows.create(session, context.company_id(), context.json_body())
+            workflow, definition = workflows.create(
+                session, context.company_id(), context.json_body(), context.services().config
+            )
             return ok(workflows.view(session, workflow, definition)), 201
 
     @blp.arguments(ListWorkflowsQuerySchema, location="query", error_status_code=400)
@@ -80,7 +82,7 @@ class WorkflowItem(MethodView):
         """Replace the definition: a new immutable version; running runs keep theirs."""
         with context.services().db.session() as session:
             workflow, definition = workflows.replace(
-                session, context.company_id(), workflow_id, context.json_body()
+                session, context.company_id(), workflow_id, context.json_body(), context.services().config
             )
             return ok(workflows.view(session, workflow, definition))
 

@@ -87,6 +87,7 @@ def mask(config: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("secret", "secrets"):
         if key in shown:
             values = shown[key] if isinstance(shown[key], list) else [shown[key]]
-            masked = [f"{str(v)[:6]}…{str(v)[-4:]}" if len(str(v)) > 12 else "…" for v in values]
+            # At most 4 real characters, and none of a short secret.
+            masked = [f"…{str(v)[-4:]}" if len(str(v)) >= 16 else "…" for v in values]
             shown[key] = masked if isinstance(shown[key], list) else masked[0]
     return shown

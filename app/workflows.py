@@ -8,7 +8,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app import schedules, webhooks
+from app import redaction, schedules, webhooks
+from app import secrets as secret_store
+from app.config import Config
 from app.definition import validate_definition
 from app.engine import get_workflow
 from app.errors import Conflict, ValidationError
@@ -20,7 +22,7 @@ from models import Schedule, Workflow, WorkflowVersion
 def view(session: Session, workflow: Workflow, definition: dict[str, Any]) -> dict[str, Any]:
     """The workflow as the API shows it: secrets masked, the schedule's next fire time."""
     shown = {
-        **definition,
+        **redaction.definition(definition),
         "id": workflow.id,
         "version": workflow.current_version,
         "created_at": workflow.created_at,
@@ -49,6 +51,19 @@ def _keep_masked_secrets(definition: dict[str, Any], previous: dict[str, Any]) -
             new[key] = old[key]
 
 
+def _keep_redacted_headers(definition: dict[str, Any], previous: dict[str, Any]) -> None:
+    """A header sent back as GET showed it ([REDACTED]) keeps the stored value of that step."""
+    old = {s.get("id"): s for s in previous.get("steps") or []}
+    for step in definition.get("steps") or []:
+        headers = (step.get("input") or {}).get("headers") if isinstance(step.get("input"), dict) else None
+        was = ((old.get(step.get("id")) or {}).get("input") or {}).get("headers")
+        if not isinstance(headers, dict) or not isinstance(was, dict):
+            continue
+        for name, value in headers.items():
+            if value == redaction.REDACTED and name in was:
+                headers[name] = was[name]
+
+
 def current_definition(session: Session, workflow: Workflow) -> dict[str, Any]:
     return session.execute(
         select(WorkflowVersion.definition).where(
@@ -57,7 +72,9 @@ def current_definition(session: Session, workflow: Workflow) -> dict[str, Any]:
     ).scalar_one()
 
 
-def create(session: Session, company_id: str, payload: Any) -> tuple[Workflow, dict[str, Any]]:
+def create(
+    session: Session, company_id: str, payload: Any, config: Config | None = None
+) -> tuple[Workflow, dict[str, Any]]:
     payload = dict(payload) if isinstance(payload, dict) else payload
     workflow_id = payload.pop("id", None) if isinstance(payload, dict) else None
     if workflow_id is not None and (not isinstance(workflow_id, str) or not WORKFLOW_ID.match(workflow_id)):
@@ -80,6 +97,8 @@ def create(session: Session, company_id: str, payload: Any) -> tuple[Workflow, d
     except IntegrityError as exc:
         session.rollback()
         raise Conflict(f"Workflow {workflow_id} already exists") from exc
+    if config is not None:
+        secret_store.store_literal_headers(session, config, company_id, definition)
     session.add(WorkflowVersion(workflow_id=workflow.id, version=1, definition=definition, created_at=now))
     schedules.sync(session, workflow, definition, now)
     session.commit()
@@ -87,7 +106,7 @@ def create(session: Session, company_id: str, payload: Any) -> tuple[Workflow, d
 
 
 def replace(
-    session: Session, company_id: str, workflow_id: str, payload: Any
+    session: Session, company_id: str, workflow_id: str, payload: Any, config: Config | None = None
 ) -> tuple[Workflow, dict[str, Any]]:
     """A new immutable version; runs already started keep the version they pinned."""
     if isinstance(payload, dict) and "id" in payload:
@@ -98,7 +117,11 @@ def replace(
             )
     definition = validate_definition(payload)
     workflow = get_workflow(session, company_id, workflow_id, lock=True)
-    _keep_masked_secrets(definition, current_definition(session, workflow))
+    previous = current_definition(session, workflow)
+    _keep_masked_secrets(definition, previous)
+    _keep_redacted_headers(definition, previous)
+    if config is not None:
+        secret_store.store_literal_headers(session, config, company_id, definition)
     now = utcnow()
     workflow.current_version += 1
     workflow.name = definition["name"]

@@ -12,7 +12,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from app import engine, templating
+from app import engine, redaction, templating
+from app import secrets as secret_store
 from app.actions import ActionContext, Park, StepError
 from app.actions import get as get_action
 from app.config import Config
@@ -24,6 +25,8 @@ from models.states import StepStatus
 from workers.middleware import LeaseHeartbeat, StepTimeLimit, StepTimeout
 
 logger = logging.getLogger("baton.worker")
+# urllib3 logs every request line at DEBUG: URLs carry rendered secrets and query credentials.
+logging.getLogger("urllib3.connectionpool").setLevel(logging.INFO)
 S = StepStatus
 T = TypeVar("T")
 PERSIST_FOR_S = 120.0  # how long a held step's record is retried through an outage
@@ -41,7 +44,12 @@ def run_action(claim: Claim, step_input: Any, config: Config | None = None) -> A
     return func(ctx, step_input)
 
 
-def execute(claim: Claim, time_limit: StepTimeLimit, config: Config | None = None) -> Outcome:
+def execute(
+    claim: Claim,
+    time_limit: StepTimeLimit,
+    config: Config | None = None,
+    secrets: dict[str, str] | None = None,
+) -> Outcome:
     """Evaluate ``if``, render and run the action, all within the step's ``timeoutMs``; never
     raises for a step failure."""
     started = utcnow()
@@ -52,7 +60,7 @@ def execute(claim: Claim, time_limit: StepTimeLimit, config: Config | None = Non
     token = time_limit.arm(claim.step["timeoutMs"] / 1000)
     acting, step_input = False, None
     try:
-        rendered = _render(claim, started)
+        rendered = _render(claim, started, secrets)
         if isinstance(rendered, Outcome):
             return rendered
         acting, step_input = True, rendered
@@ -69,9 +77,11 @@ def execute(claim: Claim, time_limit: StepTimeLimit, config: Config | None = Non
         time_limit.disarm(token)
 
 
-def _render(claim: Claim, started: Any) -> Any:
+def _render(claim: Claim, started: Any, secrets: dict[str, str] | None = None) -> Any:
     """The step's rendered input, or the Outcome that ends it here (``if`` false, template error)."""
     step, context = claim.step, claim.template_context()
+    if secrets:
+        context["secrets"] = secrets
     try:
         if "if" in step and not templating.truthy(step["if"], context):
             return Outcome(S.SKIPPED, started_at=started)
@@ -106,6 +116,46 @@ def _act(claim: Claim, step_input: Any, started: Any, config: Config | None) -> 
         error = {"code": "ACTION_ERROR", "message": f"{type(exc).__name__}: {exc}"}
         return Outcome(S.ERROR, input=step_input, error=error, retriable=True, started_at=started)
     return Outcome(S.SUCCESS, input=step_input, output=output, started_at=started)
+
+
+_uses_secrets: dict[tuple[int, int], tuple[dict[str, Any], bool]] = {}
+
+
+def uses_secrets(claim: Claim) -> bool:
+    """Whether the step's ``input`` or ``if`` mentions ``secrets`` (cached per definition version:
+    steps without secrets never query the store)."""
+    key = (id(claim.definition), claim.position)
+    cached = _uses_secrets.get(key)
+    if cached is not None and cached[0] is claim.definition:
+        return cached[1]
+    step = claim.step
+    found = "secrets" in repr(step.get("input")) or "secrets" in repr(step.get("if", ""))
+    if len(_uses_secrets) > 10_000:
+        _uses_secrets.clear()
+    _uses_secrets[key] = (claim.definition, found)
+    return found
+
+
+def step_secrets(services: Services, claim: Claim) -> dict[str, str]:
+    """The company's decrypted secrets when the step uses any, else nothing (no query)."""
+    if not uses_secrets(claim):
+        return {}
+
+    def load() -> dict[str, str]:
+        with services.db.session() as session:
+            return secret_store.values_for(session, services.config, claim.company_id)
+
+    return persist(load)
+
+
+def redact(claim: Claim, outcome: Outcome, secrets: dict[str, str]) -> Outcome:
+    """The outcome as it may be recorded: secret values, sensitive headers and URL credentials
+    replaced by [REDACTED] in its input, output and error."""
+    values = redaction.forms(secrets.values()) if secrets else []
+    outcome.input, outcome.output, outcome.error = redaction.step_record(
+        claim.step.get("action", ""), outcome.input, outcome.output, outcome.error, values
+    )
+    return outcome
 
 
 def persist(write: Callable[..., T], *args: Any, for_s: float = PERSIST_FOR_S) -> T:
@@ -148,7 +198,8 @@ def execute_step(
     while claim is not None:
         leases.hold(claim)
         try:
-            outcome = execute(claim, time_limit, services.config)
+            values = step_secrets(services, claim)
+            outcome = redact(claim, execute(claim, time_limit, services.config, values), values)
             outcome.completed_at = outcome.completed_at or utcnow()
             nxt = persist(engine.record_result, services, claim, outcome)
         finally:
