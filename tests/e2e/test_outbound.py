@@ -6,7 +6,9 @@ control that shows each refusal is the guard's doing)."""
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -235,3 +237,52 @@ def test_an_allowed_loopback_target_still_works(worker, target, make_workflow, t
     (request,) = target.requests
     assert request["method"] == "PUT" and request["path"] == "/item?q=1" and request["json"] == {"a": 1}
     assert request["headers"]["Host"] == target.url.split("//", 1)[1], "the Host header names the URL's host"
+
+
+def _self_signed(tmp_path: Any, name: str) -> tuple[str, str]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return str(cert_path), str(key_path)
+
+
+def test_https_to_a_pinned_address_keeps_the_hostname_for_sni_and_the_certificate_check(
+    run_step, listeners, tmp_path
+):
+    tls = listeners("127.0.0.1")
+    server_names: list[str | None] = []
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*_self_signed(tmp_path, "localhost"))
+    context.sni_callback = lambda sock, name, ctx: server_names.append(name)
+    tls.server.socket = context.wrap_socket(tls.server.socket, server_side=True)
+    step = run_step({"url": f"https://localhost:{tls.port}/"}, allow=LOOPBACK)
+    # Connected to the checked 127.0.0.1, introduced as "localhost"; a self-signed certificate is
+    # still refused (verification stays on), so no request is sent.
+    assert server_names == ["localhost"]
+    assert (
+        step["error"]["code"] == "NETWORK_ERROR" and "CERTIFICATE_VERIFY_FAILED" in step["error"]["message"]
+    )
+    assert tls.paths == []
