@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from typing import Any
 
+import redis
 from flask import request
 from flask.views import MethodView
 from flask_smorest import Blueprint
@@ -14,7 +16,7 @@ from sqlalchemy import select
 
 from api import context
 from api.schemas.common import Timestamp, envelope, ok
-from app import engine, webhooks
+from app import engine, ratelimit, webhooks
 from app.errors import NotFound, Unauthorized
 from app.ids import WORKFLOW_ID, new_id
 from app.timeutil import utcnow
@@ -52,11 +54,12 @@ def _log(
     run_id: str | None,
     duplicate: bool,
     status_code: int,
+    row_id: str | None = None,
 ) -> None:
     with context.services().db.session() as session:
         session.add(
             WebhookDelivery(
-                id=new_id("dlv"),
+                id=row_id or new_id("dlv"),
                 company_id=workflow.company_id,
                 workflow_id=workflow.id,
                 created_at=utcnow(),
@@ -71,12 +74,51 @@ def _log(
         session.commit()
 
 
+REJECTIONS_LOGGED = 10  # per workflow and minute, each in full; past that they are only counted
+COUNT_WINDOW_S = 60
+
+
+def _log_rejected(workflow: Workflow, delivery_id: str | None, reason: str) -> None:
+    """A refused delivery: the first few of a minute are logged in full, the rest counted in Redis and
+    shown by one summary row (rewritten at 1, 2, 4, 8… so a flood costs a handful of writes)."""
+    services = context.services()
+    key = services.key("webhook-rejected", workflow.id, str(int(time.time() // COUNT_WINDOW_S)))
+    try:
+        count = int(services.redis.pipeline().incr(key).expire(key, 2 * COUNT_WINDOW_S).execute()[0])
+    except redis.RedisError:
+        count = 1  # uncounted: log it in full
+    if count <= REJECTIONS_LOGGED:
+        _log(workflow, delivery_id, False, reason, None, False, 401)
+        return
+    more = count - REJECTIONS_LOGGED
+    if more & (more - 1) == 0:
+        _summarize(workflow, f"{key}:row", more, reason)
+
+
+def _summarize(workflow: Workflow, row_key: str, more: int, reason: str) -> None:
+    """Write (or rewrite) this minute's summary row of counted rejections."""
+    services = context.services()
+    text = f"at least {more} more rejected deliveries this minute were counted, not logged (last: {reason})"
+    row_id = services.redis.get(row_key)
+    if row_id is None:
+        row_id = new_id("dlv")
+        services.redis.set(row_key, row_id, ex=2 * COUNT_WINDOW_S)
+        _log(workflow, None, False, text[:500], None, False, 401, row_id=row_id)
+        return
+    with services.db.session() as session:
+        row = session.get(WebhookDelivery, row_id.decode() if isinstance(row_id, bytes) else row_id)
+        if row is not None:
+            row.reason = text[:500]
+            session.commit()
+
+
 @blp.route("/<string:workflow_id>")
 class WebhookDeliveryView(MethodView):
     @blp.doc(security=[], requestBody={"content": {"application/json": {"schema": {"type": "object"}}}})
     @blp.response(202, DeliveryResultEnvelope)
     def post(self, workflow_id: str) -> tuple[dict[str, Any], int]:
         """Receive a delivery: verify its signature, then start one run per delivery id (202; repeat 200)."""
+        ratelimit.check_webhook(workflow_id)  # anonymous: limited per workflow (429), before any query
         services = context.services()
         with services.db.session() as session:
             workflow = session.get(Workflow, workflow_id) if WORKFLOW_ID.match(workflow_id) else None
@@ -91,7 +133,7 @@ class WebhookDeliveryView(MethodView):
         try:
             delivery_id = webhooks.verify(config, dict(request.headers), body, run_input)
         except webhooks.WebhookRejected as exc:
-            _log(workflow, request.headers.get("webhook-id"), False, str(exc), None, False, 401)
+            _log_rejected(workflow, request.headers.get("webhook-id"), str(exc))
             raise Unauthorized(f"Webhook signature rejected: {exc}") from None
         # Without a sender id, the body's hash stands in: an identical retry is still one run.
         key = f"webhook:{delivery_id or hashlib.sha256(body).hexdigest()}"

@@ -116,6 +116,9 @@ def create_app(config: Config | None = None, services: Services | None = None) -
     from api import register
 
     register(api)
+    from app import ratelimit
+
+    ratelimit.init_app(app, config)
     app.register_error_handler(BatonError, _handle_baton_error)
     app.register_error_handler(Exception, _handle_unexpected)
     return app

@@ -49,6 +49,10 @@ def config() -> Config:
         broker_url=None,
         queue_namespace=f"baton-test-{uuid.uuid4().hex[:8]}",
         http_allow_networks=("127.0.0.0/8", "::1/128"),  # step targets are local listeners
+        # The suite's own traffic and per-second schedules are not what the limits guard against.
+        rate_limit="1000000/minute",
+        webhook_rate_limit="1000000/minute",
+        schedule_min_interval_s=1,
     )
 
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from app import engine, redaction, templating
+from app import engine, redaction, slots, templating
 from app import secrets as secret_store
 from app.actions import ActionContext, Park, StepError
 from app.actions import get as get_action
@@ -194,7 +194,25 @@ def execute_step(
     """Handle one ``execute_step`` message: claim, execute, record, and chain inline."""
     if cancel_seen(services, run_id):
         return
-    claim = engine.claim_step(services, run_id, step_id, attempt)  # an outage here: the message is retried
+    try:
+        claim = engine.claim_step(services, run_id, step_id, attempt)  # an outage: the message is retried
+    except slots.NoFreeSlot:
+        # The company executes its cap of steps: back to the broker, behind other companies' messages.
+        services.queue.enqueue(run_id, step_id, attempt, slots.retry_delay_ms())
+        return
+    if claim is None:
+        return
+    try:
+        run_chain(services, leases, time_limit, claim)
+    finally:
+        slots.release(services, claim.company_id, run_id)  # the chain's slot, after its last record
+
+
+def run_chain(
+    services: Services, leases: LeaseHeartbeat, time_limit: StepTimeLimit, claim: Claim | None
+) -> None:
+    """Execute a claimed step, record it, and keep going inline while the next step is claimed."""
+    run_id = claim.run_id if claim is not None else ""
     while claim is not None:
         leases.hold(claim)
         try:

@@ -13,7 +13,7 @@ import dramatiq
 from dramatiq.middleware import Middleware
 from dramatiq.threading import raise_thread_exception
 
-from app import engine
+from app import engine, slots
 from app.engine import Claim
 from app.engine.states import HEARTBEAT
 from app.services import Services
@@ -97,7 +97,9 @@ class LeaseHeartbeat:
     def beat(self) -> int:
         """Renew now; a database outage is logged and tried again at the next beat."""
         try:
-            return engine.renew_leases(self.services, self.held())
+            held = self.held()
+            slots.renew(self.services, {(c.company_id, c.run_id) for c, _ in held})
+            return engine.renew_leases(self.services, held)
         except Exception:
             logger.warning("could not renew step leases; retrying", exc_info=True)
             return 0

@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from app import templating
+from app import slots, templating
 from app.engine import statements as sql
 from app.engine import transitions as move
 from app.engine.reads import definition_for, lock_run, results_of, step_runs
@@ -43,14 +43,16 @@ def claim_step(services: Services, run_id: str, step_id: str, attempt: int) -> C
             session.commit()
             services.request_cancel(run.id)
             return None
+        # Fairness: raises NoFreeSlot when the company executes its cap of steps (one Redis call).
+        slot = slots.acquire(services, run.company_id, run.id)
         definition = definition_for(session, run.workflow_id, run.workflow_version)
         rows = step_runs(session, run_id)
         target = next((r for r in rows if r.step_id == step_id), None)
         if target is None or target.attempt != attempt:
-            return None
+            return slots.give_back(services, slot)
         due = target.status == S.WAITING and target.queued_at is not None and target.queued_at <= now
         if target.status != S.QUEUED and not due:
-            return None
+            return slots.give_back(services, slot)
         started = target.started_at if due else now
         values: dict[str, Any] = {
             "lease_expires_at": lease_until(now, definition["steps"][target.position], now)
@@ -59,7 +61,7 @@ def claim_step(services: Services, run_id: str, step_id: str, attempt: int) -> C
             values.update(started_at=now, completed_at=None, duration_ms=None)
         if not move.claim_step(session, target, values):
             session.rollback()
-            return None
+            return slots.give_back(services, slot)
         if run.status == R.PENDING:
             move.start_run(session, run, now)
         session.commit()

@@ -1,0 +1,116 @@
+"""Request limits: per API key (or client address) on the API, per workflow on anonymous webhooks.
+
+Counters live in the deployment's Redis under its namespace; when Redis is down the limiter fails
+open (requests go through, a warning is logged) rather than turning an outage into refusals.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+from flask import Flask, current_app, request
+from flask_limiter import Limiter, RateLimitExceeded
+from flask_limiter.util import get_remote_address
+from limits import RateLimitItem, parse
+
+from app.config import Config
+from app.errors import RateLimited
+
+logger = logging.getLogger("baton.ratelimit")
+KEY_HEADER = "x-api-key"
+KEY_PREFIX = "bk_"
+# Probes and the API document stay reachable whatever a client has spent.
+UNLIMITED_BLUEPRINTS = ("health", "api-docs")
+WEBHOOK_BLUEPRINT = "webhooks"
+EXTENSION = "baton_limiter"
+
+
+def storage_uri(config: Config) -> str:
+    """The ``limits`` storage URI of the deployment's Redis (a socket path needs ``redis+unix``)."""
+    url = config.resolved_redis_url()
+    return "redis+unix://" + url[len("unix://") :] if url.startswith("unix://") else url
+
+
+def client_key() -> str:
+    """The API key's prefix (its public part), or the client address for requests without a key."""
+    key = request.headers.get(KEY_HEADER)
+    if key:
+        prefix = key[len(KEY_PREFIX) :].split("_", 1)[0] if key.startswith(KEY_PREFIX) else key[:32]
+        return f"key:{prefix}"
+    return f"addr:{get_remote_address()}"
+
+
+class FailOpenLimiter(Limiter):
+    """A Limiter that lets requests through when its storage is down, with one warning per minute."""
+
+    _warned_at = 0.0
+    webhook_limit: RateLimitItem | None = None
+
+    def check(self, item: RateLimitItem | None, *key: str) -> None:
+        """Hit one limit by hand (outside the per-request ones); fails open like them."""
+        if item is None:
+            return
+        try:
+            allowed = self.limiter.hit(item, self._key_prefix, *key)
+            if not allowed:
+                reset_at = self.limiter.get_window_stats(item, self._key_prefix, *key).reset_time
+        except Exception as exc:
+            self._warn(exc)
+            return
+        if not allowed:
+            wait = max(1, min(int(item.get_expiry()), math.ceil(reset_at - time.time())))
+            raise RateLimited(headers={"Retry-After": str(wait)})
+
+    def _warn(self, exc: Exception) -> None:
+        if time.monotonic() - self._warned_at > 60:
+            self._warned_at = time.monotonic()
+            logger.warning("rate limits not enforced, their storage is unavailable: %s", exc)
+
+    def _check_request_limit(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super()._check_request_limit(*args, **kwargs)
+        except RateLimitExceeded as exc:
+            raise RateLimited(headers={"Retry-After": str(self._retry_after_s(exc))}) from None
+        except Exception as exc:
+            self._warn(exc)
+
+    def _retry_after_s(self, exc: RateLimitExceeded) -> int:
+        """Seconds until the breached window frees a request (at least 1)."""
+        window = int(exc.limit.limit.get_expiry())
+        breached = self.current_limit
+        if breached is not None and breached.breached:
+            return max(1, min(window, math.ceil(breached.reset_at - time.time())))
+        return max(1, window)
+
+
+def init_app(app: Flask, config: Config) -> Limiter:
+    """Attach the limits to ``app`` after its blueprints are registered."""
+    limiter = FailOpenLimiter(
+        key_func=client_key,
+        application_limits=[config.rate_limit],
+        storage_uri=storage_uri(config),
+        storage_options={"socket_connect_timeout": 1, "socket_timeout": 2},
+        key_prefix=f"{config.queue_namespace}:ratelimit",
+        strategy="fixed-window",
+        headers_enabled=False,
+    )
+    limiter.init_app(app)
+    for name in UNLIMITED_BLUEPRINTS:
+        if name in app.blueprints:
+            limiter.exempt(app.blueprints[name])
+    # Webhook deliveries have no key: their own limit per workflow (check_webhook), not the key's.
+    limiter.exempt(app.blueprints[WEBHOOK_BLUEPRINT])
+    limiter.webhook_limit = parse(config.webhook_rate_limit)
+    app.extensions[EXTENSION] = limiter
+    return limiter
+
+
+def check_webhook(workflow_id: str) -> None:
+    """Count one anonymous delivery to ``workflow_id``; RateLimited past the workflow's limit."""
+    limiter: FailOpenLimiter | None = current_app.extensions.get(EXTENSION)
+    if limiter is None:
+        return
+    limiter.check(limiter.webhook_limit, "webhook", workflow_id)
