@@ -15,6 +15,7 @@ from typing import Any
 
 from jinja2 import Environment, StrictUndefined, Template, TemplateSyntaxError, UndefinedError, nodes
 from jinja2.compiler import CodeGenerator
+from jinja2.exceptions import TemplateError as JinjaError
 from jinja2.nodes import EvalContext
 from jinja2.runtime import Context, Macro
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
@@ -488,6 +489,7 @@ def render(value: Any, context: dict[str, Any], path: str = "") -> Any:
     except (
         RecursionError,
         MemoryError,
+        JinjaError,  # undefined names, sandbox refusals, ``{% include %}`` of a missing template
         UndefinedError,
         SecurityError,
         TemplateSyntaxError,
