@@ -220,18 +220,24 @@ def _send(prepared: requests.PreparedRequest, policy: Policy, deadline: float) -
     # The URL's host, not the address: virtual hosts and TLS still see the name that was asked for.
     name = f"[{host}]" if ":" in host else host
     prepared.headers["Host"] = f"{name}:{parts.port}" if parts.port else name
-    adapter = _adapter()
-    for index, ip in enumerate(addresses):
-        adapter.address = str(ip)
-        remaining = max(0.001, deadline - time.monotonic())
+    *others, last = addresses
+    for ip in others:
         try:
-            return adapter.send(prepared, stream=True, timeout=remaining, verify=True)
+            return _send_to(ip, prepared, deadline)
         except requests.ConnectionError as exc:
-            if index == len(addresses) - 1 or not _not_connected(exc):
+            if not _not_connected(exc):
                 raise
-        finally:
-            adapter.address = None
-    raise AssertionError("unreachable")
+    return _send_to(last, prepared, deadline)
+
+
+def _send_to(ip: IPAddress, prepared: requests.PreparedRequest, deadline: float) -> requests.Response:
+    adapter = _adapter()
+    adapter.address = str(ip)
+    try:
+        remaining = max(0.001, deadline - time.monotonic())
+        return adapter.send(prepared, stream=True, timeout=remaining, verify=True)
+    finally:
+        adapter.address = None
 
 
 def _not_connected(exc: requests.ConnectionError) -> bool:
