@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from api import context
 from api.schemas.common import Timestamp, envelope, ok
-from app import engine, ratelimit, webhooks
+from app import engine, ratelimit, secrets, webhooks
 from app.errors import NotFound, Unauthorized
 from app.ids import WORKFLOW_ID, new_id
 from app.timeutil import utcnow
@@ -128,6 +128,7 @@ class WebhookDeliveryView(MethodView):
         config = (definition.get("triggers") or {}).get("webhook")
         if not config:
             raise NotFound("Workflow has no webhook trigger")
+        config = secrets.resolve_webhook(services, workflow.company_id, config)  # stored encrypted
         body = request.get_data(cache=True)
         run_input = _input(body)
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import re
 import threading
 import time
@@ -19,6 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app import webhooks
 from app.config import Config
 from app.errors import NotFound, ValidationError
 from app.ids import new_id
@@ -142,28 +144,57 @@ def forget(company_id: str) -> None:
         _cache.pop(company_id, None)
 
 
-def store_literal_headers(
+def _stored_as_reference(session: Session, config: Config, company_id: str, kind: str, value: str) -> str:
+    """Store ``value`` under a name derived from it (keyed, so the name reveals nothing; saving the
+    same value again reuses it) and return the template reference that replaces it."""
+    key = (config.secrets_keys or (dev_key(config.secret_key),))[0]
+    digest = hmac.new(key.encode(), f"{company_id}:{value}".encode(), hashlib.sha256).hexdigest()[:20]
+    name = f"_{kind}_{digest.upper()}"
+    _upsert(session, config, company_id, name, value)
+    return "{{ secrets." + name + " }}"
+
+
+def _is_literal(value: Any) -> bool:
+    return isinstance(value, str) and bool(value) and "{{" not in value
+
+
+def store_literal_credentials(
     session: Session, config: Config, company_id: str, definition: dict[str, Any]
 ) -> None:
-    """Move literal sensitive header values of ``http.request`` steps into the store (in the
-    session): the definition keeps ``{{ secrets.NAME }}``, so no version holds them in clear."""
+    """Move literal sensitive headers of ``http.request`` steps and webhook signing secrets into
+    the store (in the session): the definition keeps references, so no version holds them in clear."""
     for step in definition.get("steps") or []:
         headers = step.get("input", {}).get("headers") if step.get("action") == "http.request" else None
         if not isinstance(headers, dict):
             continue
         for header, value in headers.items():
-            if (
-                str(header).lower() in SENSITIVE_HEADERS
-                and isinstance(value, str)
-                and value
-                and "{{" not in value
-            ):
-                # Named by a keyed digest of the value: saving the same header again reuses it.
-                digest = hashlib.sha256(f"{company_id}:{header}:{value}".encode()).hexdigest()[:16]
-                name = f"_HEADER_{digest.upper()}"
-                _upsert(session, config, company_id, name, value)
-                headers[header] = "{{ secrets." + name + " }}"
+            if str(header).lower() in SENSITIVE_HEADERS and _is_literal(value):
+                headers[header] = _stored_as_reference(session, config, company_id, "HEADER", value)
+    webhook = (definition.get("triggers") or {}).get("webhook")
+    if isinstance(webhook, dict):
+        if _is_literal(webhook.get("secret")):
+            webhook["secret"] = _stored_as_reference(
+                session, config, company_id, "WEBHOOK", webhook["secret"]
+            )
+        if isinstance(webhook.get("secrets"), list):
+            webhook["secrets"] = [
+                _stored_as_reference(session, config, company_id, "WEBHOOK", v) if _is_literal(v) else v
+                for v in webhook["secrets"]
+            ]
     forget(company_id)
+
+
+def resolve_webhook(services: Any, company_id: str, trigger: dict[str, Any]) -> dict[str, Any]:
+    """A webhook trigger with its secret references replaced by their values, to verify with."""
+    names = webhooks.referenced_names(trigger)
+    if not names:
+        return trigger
+    with services.db.session() as session:
+        values = values_for(session, services.config, company_id)
+        if not names <= values.keys():  # written moments ago by another process: skip the cache
+            forget(company_id)
+            values = values_for(session, services.config, company_id)
+    return webhooks.with_values(trigger, values)
 
 
 def _get(session: Session, company_id: str, name: str) -> Secret | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -81,6 +82,40 @@ def verify(
     raise WebhookRejected(f"unknown scheme {scheme!r}")
 
 
+# How a definition refers to a signing secret kept in the secrets store.
+REFERENCE = re.compile(r"^\{\{ secrets\.([A-Za-z_][A-Za-z0-9_]{0,63}) \}\}\Z")
+
+
+def referenced_names(config: Mapping[str, Any]) -> set[str]:
+    """The secrets-store names a webhook trigger's ``secret``/``secrets`` refer to."""
+    values = config.get("secrets") if isinstance(config.get("secrets"), list) else [config.get("secret")]
+    return {m.group(1) for v in values if isinstance(v, str) and (m := REFERENCE.match(v))}
+
+
+def with_values(config: Mapping[str, Any], values: Mapping[str, str]) -> dict[str, Any]:
+    """``config`` with each reference replaced by its value (a reference to nothing is dropped)."""
+
+    def value(v: Any) -> Any:
+        found = REFERENCE.match(v) if isinstance(v, str) else None
+        return values.get(found.group(1)) if found else v
+
+    resolved = dict(config)
+    if isinstance(resolved.get("secrets"), list):
+        resolved["secrets"] = [value(v) for v in resolved["secrets"]]
+    if "secret" in resolved:
+        resolved["secret"] = value(resolved["secret"])
+    return resolved
+
+
+def _masked(value: str) -> str:
+    """A known prefix (``whsec_``) and at most 4 real characters; nothing of a short secret or a
+    reference to the secrets store."""
+    if REFERENCE.match(value) or len(value) < 16:
+        return "…"
+    prefix = "whsec_" if value.startswith("whsec_") else ""
+    return f"{prefix}…{value[-4:]}"
+
+
 def mask(config: Mapping[str, Any]) -> dict[str, Any]:
     """A webhook trigger as the API shows it: secrets never in full."""
     shown = dict(config)
@@ -88,6 +123,6 @@ def mask(config: Mapping[str, Any]) -> dict[str, Any]:
         if key in shown:
             values = shown[key] if isinstance(shown[key], list) else [shown[key]]
             # At most 4 real characters, and none of a short secret.
-            masked = [f"…{str(v)[-4:]}" if len(str(v)) >= 16 else "…" for v in values]
+            masked = [_masked(str(v)) for v in values]
             shown[key] = masked if isinstance(shown[key], list) else masked[0]
     return shown

@@ -98,7 +98,7 @@ def create(
         session.rollback()
         raise Conflict(f"Workflow {workflow_id} already exists") from exc
     if config is not None:
-        secret_store.store_literal_headers(session, config, company_id, definition)
+        secret_store.store_literal_credentials(session, config, company_id, definition)
     session.add(WorkflowVersion(workflow_id=workflow.id, version=1, definition=definition, created_at=now))
     schedules.sync(session, workflow, definition, now)
     session.commit()
@@ -121,7 +121,7 @@ def replace(
     _keep_masked_secrets(definition, previous)
     _keep_redacted_headers(definition, previous)
     if config is not None:
-        secret_store.store_literal_headers(session, config, company_id, definition)
+        secret_store.store_literal_credentials(session, config, company_id, definition)
     now = utcnow()
     workflow.current_version += 1
     workflow.name = definition["name"]

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import subprocess
 import uuid
+from datetime import datetime, timezone
 from urllib.parse import quote, quote_plus, unquote
 
 import pytest
 from click.testing import CliRunner
 from flask.cli import ScriptInfo
 from sqlalchemy import select
+from standardwebhooks import Webhook
 
 from app import keys
 from app.cli import cli
-from models import Secret
+from models import Secret, WorkflowVersion
 from tests.conftest import SCHEMA, new_key
 
 SECRET_REF = "{{ secrets.SLACK_TOKEN }}"
@@ -189,3 +192,69 @@ def test_secrets_reach_the_target_and_nowhere_else(
     assert worker is not None and caplog.records  # the worker's log lines were captured
     assert _leaks(caplog.text, values) == []
     assert _leaks(" ".join(str(r.args) for r in caplog.records), values) == []
+
+
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(uuid.uuid4().bytes * 2).decode()
+
+
+def _signed(secret: str, body: str) -> dict[str, str]:
+    msg_id, at = f"msg_{uuid.uuid4().hex}", datetime.now(timezone.utc)
+    return {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(int(at.timestamp())),
+        "webhook-signature": Webhook(secret).sign(msg_id, at, body),
+        "content-type": "application/json",
+    }
+
+
+def test_webhook_secrets_are_stored_encrypted_and_still_verify(client, headers, make_workflow, services):
+    old = "whsec_" + base64.b64encode(b"an-older-secret-of-32-bytes-ok!!").decode()
+    workflow_id = make_workflow(
+        [{"id": "a", "action": "transform", "input": {}}],
+        triggers={"webhook": {"scheme": "standard", "secrets": [WEBHOOK_SECRET, old]}},
+    )
+    with services.db.session() as session:
+        stored = session.execute(
+            select(WorkflowVersion.definition).where(WorkflowVersion.workflow_id == workflow_id)
+        ).scalar_one()
+    assert WEBHOOK_SECRET not in json.dumps(stored) and old not in json.dumps(stored)
+    assert all(s.startswith("{{ secrets._WEBHOOK_") for s in stored["triggers"]["webhook"]["secrets"])
+
+    shown = client.get(f"/api/v1/workflows/{workflow_id}", headers=headers).get_json()["data"]
+    assert shown["triggers"]["webhook"]["secrets"] == ["…", "…"]
+    for secret in (WEBHOOK_SECRET, old):
+        body = json.dumps({"id": uuid.uuid4().hex})
+        sent = client.post(f"/api/v1/webhooks/{workflow_id}", data=body, headers=_signed(secret, body))
+        assert sent.status_code == 202, sent.get_json()
+    wrong = "whsec_" + base64.b64encode(b"x" * 32).decode()
+    refused = client.post(f"/api/v1/webhooks/{workflow_id}", data="{}", headers=_signed(wrong, "{}"))
+    assert refused.status_code == 401
+
+    # A definition sent back as GET showed it keeps the secrets.
+    definition = {k: shown[k] for k in ("name", "steps", "triggers")}
+    assert client.put(f"/api/v1/workflows/{workflow_id}", json=definition, headers=headers).status_code == 200
+    body = json.dumps({"again": True})
+    again = client.post(f"/api/v1/webhooks/{workflow_id}", data=body, headers=_signed(WEBHOOK_SECRET, body))
+    assert again.status_code == 202, again.get_json()
+
+
+def test_literal_header_is_stored_as_a_reference_and_kept_on_round_trip(
+    client, headers, make_workflow, services
+):
+    literal = f"Bearer lit{uuid.uuid4().hex}"
+    step = {
+        "id": "a",
+        "action": "http.request",
+        "input": {"url": "https://h.example/", "headers": {"Cookie": literal}},
+    }
+    workflow_id = make_workflow([step])
+    shown = client.get(f"/api/v1/workflows/{workflow_id}", headers=headers).get_json()["data"]
+    reference = shown["steps"][0]["input"]["headers"]["Cookie"]
+    assert reference.startswith("{{ secrets._HEADER_") and literal not in json.dumps(shown)
+    names = [s["name"] for s in client.get("/api/v1/secrets", headers=headers).get_json()["data"]]
+    assert names == [reference[len("{{ secrets.") : -len(" }}")]]
+    # A GET body whose header shows [REDACTED] (a version stored before) keeps the stored value.
+    shown["steps"][0]["input"]["headers"]["Cookie"] = "[REDACTED]"
+    definition = {k: shown[k] for k in ("name", "steps")}
+    replaced = client.put(f"/api/v1/workflows/{workflow_id}", json=definition, headers=headers)
+    assert replaced.get_json()["data"]["steps"][0]["input"]["headers"]["Cookie"] == reference

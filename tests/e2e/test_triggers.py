@@ -143,7 +143,7 @@ def test_hmac_scheme_and_non_json_body(worker, client, headers, make_workflow, w
 def test_secrets_are_masked_and_kept(client, headers, make_workflow):
     wid = _workflow(make_workflow, {"scheme": "standard", "secret": SECRET})
     shown = client.get(f"/api/v1/workflows/{wid}", headers=headers).get_json()["data"]
-    assert SECRET not in json.dumps(shown) and shown["triggers"]["webhook"]["secret"].startswith("whsec_")
+    assert SECRET not in json.dumps(shown) and shown["triggers"]["webhook"]["secret"] == "…"
     definition = {k: shown[k] for k in ("name", "steps", "triggers")}
     assert client.put(f"/api/v1/workflows/{wid}", json=definition, headers=headers).status_code == 200
     body = "{}"

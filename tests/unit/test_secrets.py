@@ -158,5 +158,15 @@ def test_definition_view_redacts_literal_credentials_and_keeps_references() -> N
 def test_webhook_masks_show_at_most_four_characters(secret: str) -> None:
     shown = webhooks.mask({"scheme": "standard", "secrets": [secret], "secret": secret})
     for masked in (shown["secrets"][0], shown["secret"]):
-        visible = masked.replace("…", "")
+        visible = masked.removeprefix("whsec_").replace("…", "")  # the scheme's prefix is no secret
         assert len(visible) <= 4 and (not visible or secret.endswith(visible))
+        assert "…" in masked
+
+
+def test_webhook_references_mask_to_nothing_and_resolve_to_their_values() -> None:
+    references = ["{{ secrets._WEBHOOK_A }}", "literal-old", "{{ secrets.GONE }}"]
+    config = {"scheme": "github", "secrets": references}
+    assert webhooks.mask(config)["secrets"] == ["…", "…", "…"]
+    assert webhooks.referenced_names(config) == {"_WEBHOOK_A", "GONE"}
+    resolved = webhooks.with_values(config, {"_WEBHOOK_A": "new-value"})
+    assert webhooks.secrets_of(resolved) == ["new-value", "literal-old"]
