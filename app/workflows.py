@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -72,6 +72,35 @@ def current_definition(session: Session, workflow: Workflow) -> dict[str, Any]:
     ).scalar_one()
 
 
+SAMPLED_FIRES = 30  # consecutive fire times the minimum interval is checked over
+
+
+def check_schedule_limits(
+    session: Session, company_id: str, definition: dict[str, Any], config: Config, workflow_id: str | None
+) -> None:
+    """A schedule must not fire more often than schedule_min_interval_s, and a company keeps at most
+    max_schedules_per_company of them (this workflow's own schedule aside): a 400 naming the cron."""
+    spec = (definition.get("triggers") or {}).get("schedule")
+    if not spec:
+        return
+    field = "triggers.schedule.cron"
+    cron, tz = spec["cron"], spec.get("timezone", "UTC")
+    fires = [schedules.next_fire(cron, tz, utcnow())]
+    for _ in range(SAMPLED_FIRES):
+        fires.append(schedules.next_fire(cron, tz, fires[-1]))
+    gap = min(later - earlier for earlier, later in zip(fires, fires[1:], strict=False))
+    minimum = config.schedule_min_interval_s
+    if gap.total_seconds() < minimum:
+        problem = f"fires every {gap.total_seconds():g} s; the minimum interval is {minimum} s"
+        raise ValidationError(f"Invalid {field}: {problem}", details={field: [problem]})
+    others = select(func.count()).where(Schedule.company_id == company_id)
+    if workflow_id is not None:
+        others = others.where(Schedule.workflow_id != workflow_id)
+    if session.execute(others).scalar_one() >= config.max_schedules_per_company:
+        problem = f"a company keeps at most {config.max_schedules_per_company} schedules"
+        raise ValidationError(f"Invalid {field}: {problem}", details={field: [problem]})
+
+
 def create(
     session: Session, company_id: str, payload: Any, config: Config | None = None
 ) -> tuple[Workflow, dict[str, Any]]:
@@ -82,6 +111,8 @@ def create(
             "Invalid workflow id", details={"id": ["Must match ^wf_[a-z0-9][a-z0-9_-]{0,63}$"]}
         )
     definition = validate_definition(payload)
+    if config is not None:
+        check_schedule_limits(session, company_id, definition, config, workflow_id)
     now = utcnow()
     workflow = Workflow(
         id=workflow_id or new_short_id("wf"),
@@ -117,6 +148,8 @@ def replace(
             )
     definition = validate_definition(payload)
     workflow = get_workflow(session, company_id, workflow_id, lock=True)
+    if config is not None:
+        check_schedule_limits(session, company_id, definition, config, workflow.id)
     previous = current_definition(session, workflow)
     _keep_masked_secrets(definition, previous)
     _keep_redacted_headers(definition, previous)

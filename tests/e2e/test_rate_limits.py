@@ -3,6 +3,7 @@ per-company step slots, and the schedule caps."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from datetime import datetime
@@ -19,7 +20,9 @@ CAP = 4
 
 
 def _app(config: Any, services: Services, **overrides: Any) -> Any:
-    app = create_app(config.with_overrides(**overrides), services)
+    """An API whose config (and its services' config, which the routes read) has ``overrides``."""
+    changed = config.with_overrides(**overrides)
+    app = create_app(changed, dataclasses.replace(services, config=changed))
     app.testing = True
     return app.test_client()
 
@@ -151,3 +154,46 @@ def _wait(client: Any, headers: dict[str, str], run_id: str, timeout: float = 5.
         if data["status"] in ("completed", "failed", "cancelled", "timeout") or time.monotonic() > deadline:
             return data
         time.sleep(0.01)
+
+
+def _scheduled(client: Any, headers: dict[str, str], cron: str, workflow_id: str | None = None) -> Any:
+    body = {
+        "name": "scheduled",
+        "steps": [{"id": "t", "action": "transform", "input": {}}],
+        "triggers": {"schedule": {"cron": cron}},
+    }
+    if workflow_id is None:
+        return client.post("/api/v1/workflows", json=body, headers=headers)
+    return client.put(f"/api/v1/workflows/{workflow_id}", json=body, headers=headers)
+
+
+def _refused_on_cron(response: Any) -> str:
+    assert response.status_code == 400, response.get_json()
+    error = response.get_json()["error"]
+    assert error["code"] == "VALIDATION_ERROR" and list(error["details"]) == ["triggers.schedule.cron"]
+    return error["details"]["triggers.schedule.cron"][0]
+
+
+def test_a_cron_firing_more_often_than_the_minimum_is_refused(config, services):
+    client = _app(config, services, schedule_min_interval_s=60)
+    key = {"x-api-key": new_key(services)}
+    assert "minimum interval is 60 s" in _refused_on_cron(_scheduled(client, key, "* * * * * *"))
+    assert "fires every 30 s" in _refused_on_cron(_scheduled(client, key, "*/30 * * * * *"))
+    # Bursts count too: every second, but only during 09:00–09:00:59.
+    _refused_on_cron(_scheduled(client, key, "* 0 9 * * *"))
+    ok = _scheduled(client, key, "* * * * *")
+    assert ok.status_code == 201, ok.get_json()
+    wid = ok.get_json()["data"]["id"]
+    _refused_on_cron(_scheduled(client, key, "*/5 * * * * *", wid))
+    assert _scheduled(client, key, "0 9 * * 1-5", wid).status_code == 200
+
+
+def test_a_company_keeps_at_most_its_cap_of_schedules(config, services):
+    client = _app(config, services, max_schedules_per_company=2)
+    key, other = {"x-api-key": new_key(services)}, {"x-api-key": new_key(services)}
+    first, _ = (_scheduled(client, key, "0 * * * *").get_json()["data"]["id"] for _ in range(2))
+    assert "at most 2 schedules" in _refused_on_cron(_scheduled(client, key, "0 * * * *"))
+    assert _scheduled(client, key, "30 * * * *", first).status_code == 200, "its own schedule aside"
+    assert _scheduled(client, other, "0 * * * *").status_code == 201, "per company"
+    assert client.delete(f"/api/v1/workflows/{first}", headers=key).status_code == 200
+    assert _scheduled(client, key, "0 * * * *").status_code == 201, "a deleted workflow's schedule is gone"
