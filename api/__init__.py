@@ -6,10 +6,11 @@ from flask_smorest import Api
 
 
 def register(api: Api) -> None:
-    from api import health, runs, secrets, webhooks, workflows
+    from api import health, keys, runs, secrets, webhooks, workflows
 
     api.register_blueprint(health.blp)
     api.register_blueprint(workflows.blp)
     api.register_blueprint(runs.blp)
     api.register_blueprint(webhooks.blp)
+    api.register_blueprint(keys.blp)
     api.register_blueprint(secrets.blp)

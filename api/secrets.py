@@ -16,6 +16,7 @@ from api.schemas.secrets import (
     SecretListEnvelope,
 )
 from app import secrets
+from app.keys import SECRETS_WRITE
 
 blp = Blueprint("secrets", __name__, url_prefix="/api/v1/secrets", description="Encrypted secrets")
 blp.before_request(context.authenticate)
@@ -26,6 +27,7 @@ class SecretList(MethodView):
     @blp.response(200, SecretListEnvelope)
     def get(self) -> dict[str, Any]:
         """List the company's secrets: names and timestamps, never values."""
+        context.require(SECRETS_WRITE)
         with context.services().db.session() as session:
             return ok(secrets.list_(session, context.company_id()))
 
@@ -36,6 +38,7 @@ class SecretItem(MethodView):
     @blp.response(200, SecretEnvelope)
     def put(self, name: str) -> dict[str, Any]:
         """Create or replace a secret; the value is encrypted at rest and never returned."""
+        context.require(SECRETS_WRITE)
         secrets.check_name(name)
         body = context.load_body(SecretBodySchema())
         services = context.services()
@@ -45,6 +48,7 @@ class SecretItem(MethodView):
     @blp.response(200, SecretDeletedEnvelope)
     def delete(self, name: str) -> dict[str, Any]:
         """Delete a secret; templates that use it then fail with TEMPLATE_ERROR."""
+        context.require(SECRETS_WRITE)
         with context.services().db.session() as session:
             secrets.delete(session, context.company_id(), name)
         return ok({"name": name, "deleted": True})

@@ -23,6 +23,7 @@ from api.schemas.workflows import (
 )
 from api.webhooks import DeliveryListEnvelope, deliveries_query
 from app import engine, workflows
+from app.keys import RUNS_WRITE, WORKFLOWS_WRITE
 from models import WebhookDelivery, Workflow
 
 blp = Blueprint(
@@ -43,6 +44,7 @@ class WorkflowList(MethodView):
     @blp.response(201, WorkflowEnvelope)
     def post(self) -> tuple[dict[str, Any], int]:
         """Create a workflow (version 1)."""
+        context.require(WORKFLOWS_WRITE)
         with context.services().db.session() as session:
             workflow, definition = workflows.create(
                 session, context.company_id(), context.json_body(), context.services().config
@@ -80,6 +82,7 @@ class WorkflowItem(MethodView):
     @blp.response(200, WorkflowEnvelope)
     def put(self, workflow_id: str) -> dict[str, Any]:
         """Replace the definition: a new immutable version; running runs keep theirs."""
+        context.require(WORKFLOWS_WRITE)
         with context.services().db.session() as session:
             workflow, definition = workflows.replace(
                 session, context.company_id(), workflow_id, context.json_body(), context.services().config
@@ -89,6 +92,7 @@ class WorkflowItem(MethodView):
     @blp.response(200, DeletedEnvelope)
     def delete(self, workflow_id: str) -> dict[str, Any]:
         """Delete a workflow; its runs stay readable."""
+        context.require(WORKFLOWS_WRITE)
         with context.services().db.session() as session:
             workflow = workflows.delete(session, context.company_id(), workflow_id)
         return ok({"id": workflow.id, "deleted": True})
@@ -110,6 +114,7 @@ class WorkflowRuns(MethodView):
     @blp.response(202, RunEnvelope)
     def post(self, workflow_id: str) -> tuple[dict[str, Any], int, dict[str, str]]:
         """Trigger a run (trigger type ``api``); 202 with the run, 200 for an idempotent repeat."""
+        context.require(RUNS_WRITE)
         args = context.load_body(TriggerSchema(), required=False)
         key = context.idempotency_key()
         services = context.services()
