@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from typing import Any
 
@@ -38,7 +37,7 @@ DeliveryResultEnvelope = envelope("DeliveryResultEnvelope", DeliveryResultSchema
 def _input(body: bytes) -> Any:
     """A JSON body is the run input; anything else is wrapped with its content type."""
     try:
-        parsed = json.loads(body) if body else {}
+        parsed = context.parse_json(body) if body else {}
         if isinstance(parsed, dict):
             return parsed
         return {"body": parsed, "contentType": request.content_type or ""}
