@@ -118,6 +118,9 @@ class WebhookDeliveryView(MethodView):
     def post(self, workflow_id: str) -> tuple[dict[str, Any], int]:
         """Receive a delivery: verify its signature, then start one run per delivery id (202; repeat 200)."""
         ratelimit.check_webhook(workflow_id)  # anonymous: limited per workflow (429), before any query
+        # Parsed before the workflow is looked up: a too-deep body is the same 400 for every id.
+        body = request.get_data(cache=True)
+        run_input = _input(body)
         services = context.services()
         with services.db.session() as session:
             workflow = session.get(Workflow, workflow_id) if WORKFLOW_ID.match(workflow_id) else None
@@ -128,8 +131,6 @@ class WebhookDeliveryView(MethodView):
         if not config:
             raise NotFound("Workflow has no webhook trigger")
         config = secrets.resolve_webhook(services, workflow.company_id, config)  # stored encrypted
-        body = request.get_data(cache=True)
-        run_input = _input(body)
         try:
             delivery_id = webhooks.verify(config, dict(request.headers), body, run_input)
         except webhooks.WebhookRejected as exc:

@@ -162,6 +162,15 @@ def test_a_deep_webhook_body_is_a_400(client, make_workflow, depth):
         assert_validation_error(response)
 
 
+def test_a_deep_webhook_body_is_the_same_400_for_a_workflow_that_does_not_exist(client, make_workflow):
+    wid = make_workflow([{"id": "a", "action": "transform"}])  # no webhook trigger
+    answers = []
+    for path in (f"/api/v1/webhooks/{wid}", "/api/v1/webhooks/wf_no-such-workflow", "/api/v1/webhooks/x"):
+        response = client.post(path, data=deep_text(990), headers={"content-type": "application/json"})
+        answers.append((response.status_code, response.get_json()["error"]))
+    assert answers[0][0] == 400 and answers.count(answers[0]) == 3, answers
+
+
 def test_deep_text_bodies_are_never_a_500(client, headers, make_workflow):
     wid = make_workflow([{"id": "a", "action": "transform"}])
     for path in ("/api/v1/workflows", f"/api/v1/workflows/{wid}/runs", f"/api/v1/webhooks/{wid}"):
