@@ -59,6 +59,10 @@ def _charge(count: int = 1) -> None:
 
 def _measure(value: Any, cap: int = MAX_STRING) -> int:
     """Roughly how many characters ``value`` prints as, counting no further than ``cap``."""
+    if not isinstance(value, (list, tuple, dict)):  # the common case: no walk
+        if isinstance(value, str) and len(value) > cap:
+            raise _limit("a value too large to print")
+        return len(value) if isinstance(value, str) else 8
     total, stack = 0, [value]
     while stack:
         item = stack.pop()
@@ -170,7 +174,7 @@ def _join_bounded(seq: Iterable[Any]) -> str:
     """Jinja's ``concat``/``str_join`` with the string limit checked before joining."""
     parts, total = [], 0
     for item in seq:
-        text = item if isinstance(item, str) else str(_measure(item) and item)
+        text = item if type(item) is str else str(_measure(item) and item)
         total += len(text)
         if total > MAX_STRING:
             raise _limit(f"a string longer than {MAX_STRING} characters")
@@ -180,7 +184,7 @@ def _join_bounded(seq: Iterable[Any]) -> str:
 
 def _finalize(value: Any) -> Any:
     """Every ``{{ … }}`` in a string template: its printed form must fit the string limit."""
-    if not isinstance(value, str):
+    if isinstance(value, (list, tuple, dict)):
         _measure(value)
     return value
 
