@@ -404,7 +404,22 @@ def _fold(node: nodes.Node) -> Any:
         return _env.unop_table[node.operator](_fold(node.node))
     if isinstance(node, nodes.Concat):
         return _join_bounded(_fold(item) for item in node.nodes)
+    if isinstance(node, nodes.Filter):
+        return _fold_filter(node)
     raise nodes.Impossible()
+
+
+def _fold_filter(node: nodes.Filter) -> Any:
+    """A filter of constants (``'a' | center(10 ** 8)``), applied under the limits."""
+    func = _env.filters.get(node.name)
+    if func is None or node.node is None or node.kwargs or node.dyn_args or node.dyn_kwargs:
+        raise nodes.Impossible()
+    passed = getattr(func, "jinja_pass_arg", None)
+    first = {None: (), "environment": (_env,), "eval_context": (EvalContext(_env),)}
+    name = getattr(passed, "name", None)
+    if name not in first:
+        raise nodes.Impossible()  # it needs the render context
+    return func(*first[name], _fold(node.node), *[_fold(arg) for arg in node.args])
 
 
 def _constant_limit(source: str) -> str | None:
@@ -414,7 +429,7 @@ def _constant_limit(source: str) -> str | None:
         stack: list[nodes.Node] = [_env.parse(source)]
         while stack:
             node = stack.pop()
-            if isinstance(node, (nodes.BinExpr, nodes.UnaryExpr, nodes.Concat)):
+            if isinstance(node, (nodes.BinExpr, nodes.UnaryExpr, nodes.Concat, nodes.Filter)):
                 try:
                     _fold(node)
                     continue

@@ -141,6 +141,7 @@ HOSTILE = [
     "{{ " + "[" * 2000 + "]" * 2000 + " }}",
     "{% include 'x' %}",
     "{% extends '/etc/passwd' %}",
+    "{% autoescape 'a' | center(100000000) %}x{% endautoescape %}",
 ]
 
 
@@ -176,6 +177,9 @@ def test_checking_a_hostile_template_is_quick_and_small(source):
         "x {{ 2 ** (10 ** 8) }} y",
         "{% if [0] * 10 ** 9 %}{% endif %}",
         "{{ '%100000000s' % 'a' }}",
+        "{{ 'a' | center(10 ** 8) }}",
+        "{{ ('a' * 1000) | join('b' * 100000) }}",
+        "{{ 'a' | indent(100000000) | upper }}",
     ],
 )
 def test_a_constant_over_a_limit_is_reported_by_check_syntax(source):
@@ -186,7 +190,18 @@ def test_a_constant_over_a_limit_is_reported_by_check_syntax(source):
 
 
 @pytest.mark.parametrize(
-    "source", ["{{ 2 ** 64 }}", "{{ 'ab' * 3 }}", "{{ input.x ** 2 }}", "{{ [0] * 1000 }}", "{{ 10 / 0 }}"]
+    "source",
+    [
+        "{{ 2 ** 64 }}",
+        "{{ 'ab' * 3 }}",
+        "{{ input.x ** 2 }}",
+        "{{ [0] * 1000 }}",
+        "{{ 10 / 0 }}",
+        "{{ 'a' | center(80) | trim }}",
+        "{{ [3, 1] | sort | join(',') }}",
+        "{{ input | tojson }}",
+        "{{ 'x' | int(input.d) }}",
+    ],
 )
 def test_constants_within_the_limits_pass_check_syntax(source):
     assert check_syntax(source) == []
