@@ -21,7 +21,7 @@ from app.templating import (
 )
 
 # Generous for a loaded CI machine, and still far below what an unbounded evaluation takes.
-FAST_S = 1.0
+FAST_S = 2.5  # generous for a shared CI machine: the hazard was a 42 s freeze
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -164,7 +164,7 @@ def test_checking_a_hostile_template_is_quick_and_small(source):
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert took < 0.5
+    assert took < 2
     assert peak < 32 * 1024 * 1024, f"checking allocated {peak} bytes"
 
 
@@ -185,7 +185,7 @@ def test_checking_a_hostile_template_is_quick_and_small(source):
 def test_a_constant_over_a_limit_is_reported_by_check_syntax(source):
     started = time.perf_counter()
     problems = check_syntax({"a": {"b": source}})
-    assert time.perf_counter() - started < 0.1
+    assert time.perf_counter() - started < 0.5
     assert len(problems) == 1 and problems[0][0] == "a.b" and "limit" in problems[0][1]
 
 
