@@ -95,15 +95,11 @@ def _continue_after(session: Session, run: Run, row: StepRun, now: datetime) -> 
         next_id = definition["steps"][position]["id"]
         move.queue_pending(session, run.id, next_id, now)
         return (run.id, next_id, 1)
-    claim = Claim(
-        run_id=run.id,
-        company_id=run.company_id,
-        workflow_id=run.workflow_id,
-        trigger_type=run.trigger_type,
-        run_input=run.input,
-        definition=definition,
-        position=row.position,
-        attempt=row.attempt,
+    claim = Claim.of_run(
+        run,
+        definition,
+        row.position,
+        row.attempt,
         started_at=row.started_at or now,
         results=results_of(step_runs(session, run.id)),
     )

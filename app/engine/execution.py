@@ -65,15 +65,11 @@ def claim_step(services: Services, run_id: str, step_id: str, attempt: int) -> C
         if run.status == R.PENDING:
             move.start_run(session, run, now)
         session.commit()
-    return Claim(
-        run_id=run.id,
-        company_id=run.company_id,
-        workflow_id=run.workflow_id,
-        trigger_type=run.trigger_type,
-        run_input=run.input,
-        definition=definition,
-        position=target.position,
-        attempt=attempt,
+    return Claim.of_run(
+        run,
+        definition,
+        target.position,
+        attempt,
         started_at=started or now,
         results=results_of(rows),
         resumed_input=target.input if due else None,
@@ -176,18 +172,7 @@ def _chain(session: Session, claim: Claim, outcome: Outcome, now: datetime) -> N
     lease = lease_until(now, claim.definition["steps"][position], now)
     if not move.claim_next(session, claim, position, now, lease):
         return Next()  # the run ended meanwhile (cancel, timeout): nothing follows
-    follow = Claim(
-        run_id=claim.run_id,
-        company_id=claim.company_id,
-        workflow_id=claim.workflow_id,
-        trigger_type=claim.trigger_type,
-        run_input=claim.run_input,
-        definition=claim.definition,
-        position=position,
-        attempt=1,
-        started_at=now,
-        results=claim.results,
-    )
+    follow = claim.following(now)
     return Next(claim=follow)
 
 

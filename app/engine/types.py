@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -42,6 +42,32 @@ class Claim:
     # Set when the step was a waiting delay that is now due: it completes without running again.
     resumed_input: Any = None
     waited_since: datetime | None = None
+
+    @classmethod
+    def of_run(cls, run: Any, definition: dict[str, Any], position: int, attempt: int, **rest: Any) -> Claim:
+        """A claim on the step at ``position`` of ``run`` (a loaded ``models.Run``)."""
+        return cls(
+            run_id=run.id,
+            company_id=run.company_id,
+            workflow_id=run.workflow_id,
+            trigger_type=run.trigger_type,
+            run_input=run.input,
+            definition=definition,
+            position=position,
+            attempt=attempt,
+            **rest,
+        )
+
+    def following(self, started_at: datetime) -> Claim:
+        """A claim on the next step, attempt 1, sharing this run's results (chaining)."""
+        return replace(
+            self,
+            position=self.position + 1,
+            attempt=1,
+            started_at=started_at,
+            resumed_input=None,
+            waited_since=None,
+        )
 
     @property
     def step(self) -> dict[str, Any]:
