@@ -14,6 +14,9 @@ from app.errors import ValidationError
 from app.timeutil import epoch_ms, from_epoch_ms
 
 _ID = re.compile(r"^[a-z]{1,8}_[0-9A-Za-z_-]{1,80}$")
+# A real cursor is under 200 characters; the query schemas allow 500, and so does the decoder, so
+# nothing longer is ever parsed (a long one could nest deep enough to exhaust the stack).
+MAX_CURSOR_CHARS = 500
 
 
 def encode_cursor(created_at: Any, row_id: str) -> str:
@@ -22,7 +25,10 @@ def encode_cursor(created_at: Any, row_id: str) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[int, str]:
+    """``(ts, id)`` of a cursor made by :func:`encode_cursor`; anything else is a VALIDATION_ERROR."""
     try:
+        if len(cursor) > MAX_CURSOR_CHARS:
+            raise ValueError("too long")
         standard = cursor.translate(str.maketrans("-_", "+/"))  # accept the URL-safe alphabet too
         data = json.loads(base64.b64decode(standard + "=" * (-len(standard) % 4), validate=True))
         ts, row_id = data["ts"], data["id"]
@@ -43,6 +49,7 @@ def decode_cursor(cursor: str) -> tuple[int, str]:
         OverflowError,
         OSError,
         UnicodeDecodeError,
+        RecursionError,  # nesting within the length cap, on an already deep stack
     ) as exc:
         raise ValidationError("Invalid cursor", details={"cursor": ["Malformed cursor"]}) from exc
 

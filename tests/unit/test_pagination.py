@@ -143,11 +143,6 @@ def test_malformed_cursor_is_a_validation_error(cursor):
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (latent): deeply nested JSON in a cursor raises RecursionError instead of VALIDATION_ERROR; "
-    "not reachable over HTTP today only because the query schemas cap cursors at 500 characters",
-)
 def test_deeply_nested_cursor_is_a_validation_error():
     with pytest.raises(ValidationError):
         decode_cursor(b64("[" * 5000))
