@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 from typing import Any
 
@@ -16,8 +15,9 @@ from sqlalchemy import select
 from api import context
 from api.schemas.common import Timestamp, envelope, ok
 from app import engine, ratelimit, secrets, webhooks
-from app.errors import NotFound, Unauthorized
+from app.errors import Unauthorized
 from app.ids import WORKFLOW_ID, new_id
+from app.services import Services
 from app.timeutil import utcnow
 from models import WebhookDelivery, Workflow
 
@@ -46,6 +46,7 @@ def _input(body: bytes) -> Any:
 
 
 def _log(
+    services: Services,
     workflow: Workflow,
     delivery_id: str | None,
     verified: bool,
@@ -55,7 +56,7 @@ def _log(
     status_code: int,
     row_id: str | None = None,
 ) -> None:
-    with context.services().db.session() as session:
+    with services.db.session() as session:
         session.add(
             WebhookDelivery(
                 id=row_id or new_id("dlv"),
@@ -73,41 +74,77 @@ def _log(
         session.commit()
 
 
+REFUSED = "Invalid webhook signature"  # every refusal, whatever its reason: no existence oracle
 REJECTIONS_LOGGED = 10  # per workflow and minute, each in full; past that they are only counted
 COUNT_WINDOW_S = 60
 
 
-def _log_rejected(workflow: Workflow, delivery_id: str | None, reason: str) -> None:
-    """A refused delivery: the first few of a minute are logged in full, the rest counted in Redis and
-    shown by one summary row (rewritten at 1, 2, 4, 8… so a flood costs a handful of writes)."""
-    services = context.services()
-    key = services.key("webhook-rejected", workflow.id, str(int(time.time() // COUNT_WINDOW_S)))
+def _targets(services: Services, workflow_id: str) -> list[tuple[Workflow, dict[str, Any]]]:
+    """The live workflows of that id with a webhook trigger, each with its secrets resolved."""
+    # A malformed id still costs the one query a real one does (and never reaches SQL as written).
+    lookup = workflow_id if WORKFLOW_ID.match(workflow_id) else ""
+    found = []
+    with services.db.session() as session:
+        query = select(Workflow).where(Workflow.id == lookup, Workflow.deleted_at.is_(None))
+        for workflow in session.execute(query).scalars():
+            definition = engine.definition_for(session, workflow.id, workflow.current_version)
+            config = (definition.get("triggers") or {}).get("webhook")
+            if config:
+                found.append((workflow, config))
+    # Stored encrypted: the references are resolved only for verification.
+    return [(w, secrets.resolve_webhook(services, w.company_id, c)) for w, c in found]
+
+
+Match = tuple[Workflow, dict[str, Any], str | None]  # the workflow, its trigger, the delivery id
+
+
+def _match(
+    targets: list[tuple[Workflow, dict[str, Any]]], body: bytes, run_input: Any
+) -> tuple[Match | None, list[tuple[Workflow, str]]]:
+    """The workflow whose secret verifies the delivery (or None), and why the others refused it."""
+    headers = dict(request.headers)
+    refusals = []
+    for workflow, config in targets:
+        try:
+            return (workflow, config, webhooks.verify(config, headers, body, run_input)), refusals
+        except webhooks.WebhookRejected as exc:
+            refusals.append((workflow, str(exc)))
+    if not targets:
+        webhooks.verify_nothing(headers, body, run_input)  # the same work as a refused signature
+    return None, refusals
+
+
+def _refuse(services: Services, workflow_id: str, refusals: list[tuple[Workflow, str]]) -> Unauthorized:
+    """Count the refusal (for every id alike) and log it for the workflows it was meant for: the
+    first few of a minute in full, the rest in one summary row (rewritten at 1, 2, 4, 8… more)."""
+    key = services.key("webhook-rejected", workflow_id, str(int(time.time() // COUNT_WINDOW_S)))
     try:
         count = int(services.redis.pipeline().incr(key).expire(key, 2 * COUNT_WINDOW_S).execute()[0])
     except redis.RedisError:
         count = 1  # uncounted: log it in full
-    if count <= REJECTIONS_LOGGED:
-        _log(workflow, delivery_id, False, reason, None, False, 401)
-        return
     more = count - REJECTIONS_LOGGED
-    if more & (more - 1) == 0:
-        _summarize(workflow, f"{key}:row", more, reason)
+    for workflow, reason in refusals:
+        if more <= 0:
+            _log(services, workflow, request.headers.get("webhook-id"), False, reason, None, False, 401)
+        elif more & (more - 1) == 0:
+            _summarize(services, workflow, f"{key}:row:{workflow.company_id}", more, reason)
+    return Unauthorized(REFUSED)
 
 
-def _summarize(workflow: Workflow, row_key: str, more: int, reason: str) -> None:
+def _summarize(services: Services, workflow: Workflow, row_key: str, more: int, reason: str) -> None:
     """Write (or rewrite) this minute's summary row of counted rejections."""
-    services = context.services()
-    text = f"at least {more} more rejected deliveries this minute were counted, not logged (last: {reason})"
+    summary = f"at least {more} more rejected deliveries this minute were counted, not logged"
+    summary += f" (last: {reason})"
     row_id = services.redis.get(row_key)
     if row_id is None:
         row_id = new_id("dlv")
         services.redis.set(row_key, row_id, ex=2 * COUNT_WINDOW_S)
-        _log(workflow, None, False, text[:500], None, False, 401, row_id=row_id)
+        _log(services, workflow, None, False, summary[:500], None, False, 401, row_id=row_id)
         return
     with services.db.session() as session:
         row = session.get(WebhookDelivery, row_id.decode() if isinstance(row_id, bytes) else row_id)
         if row is not None:
-            row.reason = text[:500]
+            row.reason = summary[:500]
             session.commit()
 
 
@@ -116,39 +153,27 @@ class WebhookDeliveryView(MethodView):
     @blp.doc(security=[], requestBody={"content": {"application/json": {"schema": {"type": "object"}}}})
     @blp.response(202, DeliveryResultEnvelope)
     def post(self, workflow_id: str) -> tuple[dict[str, Any], int]:
-        """Receive a delivery: verify its signature, then start one run per delivery id (202; repeat 200)."""
+        """Receive a delivery: verify its signature, then start one run per signed delivery (202; 200)."""
         ratelimit.check_webhook(workflow_id)  # anonymous: limited per workflow (429), before any query
         # Parsed before the workflow is looked up: a too-deep body is the same 400 for every id.
         body = request.get_data(cache=True)
         run_input = _input(body)
         services = context.services()
-        with services.db.session() as session:
-            workflow = session.get(Workflow, workflow_id) if WORKFLOW_ID.match(workflow_id) else None
-            if workflow is None or workflow.deleted_at is not None:
-                raise NotFound("Workflow not found")
-            definition = engine.definition_for(session, workflow.id, workflow.current_version)
-        config = (definition.get("triggers") or {}).get("webhook")
-        if not config:
-            raise NotFound("Workflow has no webhook trigger")
-        config = secrets.resolve_webhook(services, workflow.company_id, config)  # stored encrypted
-        try:
-            delivery_id = webhooks.verify(config, dict(request.headers), body, run_input)
-        except webhooks.WebhookRejected as exc:
-            _log_rejected(workflow, request.headers.get("webhook-id"), str(exc))
-            raise Unauthorized(f"Webhook signature rejected: {exc}") from None
-        # Without a sender id, the body's hash stands in: an identical retry is still one run.
-        key = f"webhook:{delivery_id or hashlib.sha256(body).hexdigest()}"
+        match, refusals = _match(_targets(services, workflow_id), body, run_input)
+        if match is None:
+            raise _refuse(services, workflow_id, refusals)
+        workflow, config, delivery_id = match
         run, created = engine.trigger_run(
             services,
             workflow.company_id,
             workflow.id,
             run_input,
             "webhook",
-            idempotency_key=key[:255],
+            idempotency_key=webhooks.dedupe_key(config, delivery_id, body),
             fingerprint="webhook",
         )
         status = 202 if created else 200
-        _log(workflow, delivery_id, True, None, run.id, not created, status)
+        _log(services, workflow, delivery_id, True, None, run.id, not created, status)
         return ok(
             {"runId": run.id, "workflowId": workflow.id, "deliveryId": delivery_id, "duplicate": not created}
         ), status

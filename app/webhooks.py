@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
+import os
 import re
 import time
 from collections.abc import Mapping
@@ -13,6 +15,10 @@ from standardwebhooks import Webhook, WebhookVerificationError
 
 SCHEMES = ("standard", "github", "stripe", "hmac-sha256")
 TOLERANCE_S = 300
+# Schemes whose delivery id is covered by the signature; the others' id headers (X-GitHub-Delivery,
+# X-Delivery-Id) can be changed by anyone who captured a delivery, so they cannot deduplicate.
+SIGNED_ID_SCHEMES = ("standard", "stripe")
+MAX_KEY_LENGTH = 255
 
 
 class WebhookRejected(Exception):
@@ -80,6 +86,40 @@ def verify(
             raise WebhookRejected("signature does not match")
         return lower.get("x-delivery-id") or lower.get("idempotency-key")
     raise WebhookRejected(f"unknown scheme {scheme!r}")
+
+
+def dedupe_key(config: Mapping[str, Any], delivery_id: str | None, body: bytes) -> str:
+    """The idempotency key of a verified delivery, built only from what its signature covers."""
+    scheme = config.get("scheme", "standard")
+    if scheme in SIGNED_ID_SCHEMES and delivery_id:
+        key = f"webhook:{delivery_id}"
+        # A long id is hashed rather than cut, so two ids sharing a prefix stay two deliveries.
+        return key if len(key) <= MAX_KEY_LENGTH else f"webhook:id:{_sha256(delivery_id.encode())}"
+    return f"webhook:{_sha256(body)}"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# Random per process: nothing verifies against it. A standard secret must be base64.
+_DUMMY_SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+_SCHEME_HEADERS = (
+    ("webhook-signature", "standard"),
+    ("stripe-signature", "stripe"),
+    ("x-hub-signature-256", "github"),
+)
+
+
+def verify_nothing(headers: Mapping[str, str], body: bytes, payload: Any) -> None:
+    """Do the work of checking the delivery's signature against a secret nobody has, so a delivery
+    to a workflow that does not exist costs about what a refused one to a real workflow costs."""
+    lower = {k.lower() for k in headers}
+    scheme = next((s for header, s in _SCHEME_HEADERS if header in lower), "hmac-sha256")
+    try:
+        verify({"scheme": scheme, "secret": _DUMMY_SECRET}, headers, body, payload)
+    except WebhookRejected:
+        pass
 
 
 # How a definition refers to a signing secret kept in the secrets store.
