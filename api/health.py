@@ -21,6 +21,7 @@ class HealthSchema(Schema):
 
 @blp.route("/healthz")
 class Health(MethodView):
+    @blp.doc(security=[])
     @blp.response(200, HealthSchema)
     def get(self) -> dict[str, Any]:
         """The process is up."""
@@ -29,8 +30,9 @@ class Health(MethodView):
 
 @blp.route("/readyz")
 class Ready(MethodView):
+    @blp.doc(security=[])
     @blp.response(200, HealthSchema)
-    @blp.alt_response(503, schema=HealthSchema)
+    @blp.alt_response(503, schema=HealthSchema, description="Not ready: a check failed")
     def get(self) -> tuple[dict[str, Any], int]:
         """The database and Redis answer."""
         services = context.services()

@@ -8,6 +8,7 @@ from flask.views import MethodView
 from flask_smorest import Blueprint
 
 from api import context
+from api.docs import errors
 from api.schemas.common import ok
 from api.schemas.keys import CreatedKeyEnvelope, KeyCreateSchema, KeyEnvelope, KeyListEnvelope
 from app import keys
@@ -35,6 +36,7 @@ def key_view(row: ApiKey, key: str | None = None) -> dict[str, Any]:
 @blp.route("")
 class KeyList(MethodView):
     @blp.response(200, KeyListEnvelope)
+    @errors(blp, 403)
     def get(self) -> dict[str, Any]:
         """List the company's active keys, newest first (never the key or its hash)."""
         context.require(keys.ADMIN)
@@ -44,6 +46,7 @@ class KeyList(MethodView):
 
     @blp.doc(requestBody={"required": True, "content": {"application/json": {"schema": KeyCreateSchema}}})
     @blp.response(201, CreatedKeyEnvelope)
+    @errors(blp, 403, 413)
     def post(self) -> tuple[dict[str, Any], int]:
         """Create a key with the given scopes; the key is in ``data.key``, shown this once."""
         context.require(keys.ADMIN)
@@ -57,6 +60,7 @@ class KeyList(MethodView):
 @blp.route("/<string:key_id>/rotate")
 class KeyRotate(MethodView):
     @blp.response(201, CreatedKeyEnvelope)
+    @errors(blp, 403, 404)
     def post(self, key_id: str) -> tuple[dict[str, Any], int]:
         """Replace a key: a new key with the same name and scopes; the old one stops working."""
         context.require(keys.ADMIN)
@@ -68,6 +72,7 @@ class KeyRotate(MethodView):
 @blp.route("/<string:key_id>")
 class KeyItem(MethodView):
     @blp.response(200, KeyEnvelope)
+    @errors(blp, 403, 404)
     def delete(self, key_id: str) -> dict[str, Any]:
         """Revoke a key: every process refuses it within a second."""
         context.require(keys.ADMIN)

@@ -10,6 +10,7 @@ from flask_smorest import Blueprint
 from sqlalchemy import select
 
 from api import context
+from api.docs import REPLAYED_HEADERS, errors
 from api.pagination import meta, page
 from api.schemas.common import ok
 from api.schemas.runs import (
@@ -69,6 +70,7 @@ def run_detail(run: Run, rows: list[Any]) -> dict[str, Any]:
 class RunList(MethodView):
     @blp.arguments(ListRunsQuerySchema, location="query", error_status_code=400)
     @blp.response(200, RunListEnvelope)
+    @errors(blp, 403)
     def get(self, args: dict[str, Any]) -> dict[str, Any]:
         """List runs, newest first, with cursor pagination."""
         context.require(RUNS_READ)
@@ -89,6 +91,7 @@ class RunList(MethodView):
 @blp.route("/<string:run_id>")
 class RunItem(MethodView):
     @blp.response(200, RunEnvelope)
+    @errors(blp, 403, 404)
     def get(self, run_id: str) -> dict[str, Any]:
         """Get a run with its step results."""
         context.require(RUNS_READ)
@@ -101,6 +104,7 @@ class RunItem(MethodView):
 @blp.route("/<string:run_id>/logs")
 class RunLogs(MethodView):
     @blp.response(200, RunLogsEnvelope)
+    @errors(blp, 403, 404)
     def get(self, run_id: str) -> dict[str, Any]:
         """Execution log: one entry per attempt, plus the attempt in progress."""
         context.require(RUNS_READ)
@@ -139,6 +143,7 @@ _IDEMPOTENCY_DOC = {
 class RunCancel(MethodView):
     @blp.doc(**_IDEMPOTENCY_DOC)
     @blp.response(200, CancelEnvelope)
+    @errors(blp, 403, 404)
     def post(self, run_id: str) -> dict[str, Any]:
         """Cancel a pending or running run; no further step starts."""
         context.require(RUNS_WRITE)
@@ -207,7 +212,8 @@ def _restart(run_id: str, mode: str, args: dict[str, Any]) -> tuple[dict[str, An
 @blp.route("/<string:run_id>/retry")
 class RunRetry(MethodView):
     @blp.doc(requestBody={"content": {"application/json": {"schema": RetryBodySchema}}}, **_IDEMPOTENCY_DOC)
-    @blp.response(202, RestartEnvelope)
+    @blp.response(202, RestartEnvelope, headers=REPLAYED_HEADERS)
+    @errors(blp, 403, 404, 409, 413)
     def post(self, run_id: str) -> tuple[dict[str, Any], int, dict[str, str]]:
         """Retry a failed run from its first failed step, in a new run; the original input is kept."""
         context.require(RUNS_WRITE)
@@ -217,7 +223,11 @@ class RunRetry(MethodView):
 @blp.route("/<string:run_id>/restart")
 class RunRestart(MethodView):
     @blp.doc(requestBody={"content": {"application/json": {"schema": RestartBodySchema}}}, **_IDEMPOTENCY_DOC)
-    @blp.response(202, RestartEnvelope)
+    @blp.response(202, RestartEnvelope, headers=REPLAYED_HEADERS)
+    @blp.alt_response(
+        200, schema=RestartEnvelope, description="dryRun: the plan, nothing created", success=True
+    )
+    @errors(blp, 403, 404, 409, 413)
     def post(self, run_id: str) -> tuple[dict[str, Any], int, dict[str, str]]:
         """Restart a finished run from any step, reusing earlier outputs, optionally with input overrides."""
         context.require(RUNS_WRITE)
@@ -229,6 +239,7 @@ class RunRestart(MethodView):
 class RunResume(MethodView):
     @blp.doc(requestBody={"content": {"application/json": {"schema": ResumeBodySchema}}})
     @blp.response(200, CancelEnvelope)
+    @errors(blp, 403, 404, 413)
     def post(self, run_id: str) -> dict[str, Any]:
         """Answer a suspended run's approval: approve to continue (data becomes the step output)."""
         context.require(RUNS_WRITE)

@@ -8,6 +8,7 @@ from flask.views import MethodView
 from flask_smorest import Blueprint
 
 from api import context
+from api.docs import errors
 from api.schemas.common import ok
 from api.schemas.secrets import (
     SecretBodySchema,
@@ -25,6 +26,7 @@ blp.before_request(context.authenticate)
 @blp.route("")
 class SecretList(MethodView):
     @blp.response(200, SecretListEnvelope)
+    @errors(blp, 403)
     def get(self) -> dict[str, Any]:
         """List the company's secrets: names and timestamps, never values."""
         context.require(SECRETS_WRITE)
@@ -36,6 +38,7 @@ class SecretList(MethodView):
 class SecretItem(MethodView):
     @blp.doc(requestBody={"required": True, "content": {"application/json": {"schema": SecretBodySchema}}})
     @blp.response(200, SecretEnvelope)
+    @errors(blp, 403, 413)
     def put(self, name: str) -> dict[str, Any]:
         """Create or replace a secret; the value is encrypted at rest and never returned."""
         context.require(SECRETS_WRITE)
@@ -46,6 +49,7 @@ class SecretItem(MethodView):
             return ok(secrets.put(session, services.config, context.company_id(), name, body["value"]))
 
     @blp.response(200, SecretDeletedEnvelope)
+    @errors(blp, 403, 404)
     def delete(self, name: str) -> dict[str, Any]:
         """Delete a secret; templates that use it then fail with TEMPLATE_ERROR."""
         context.require(SECRETS_WRITE)

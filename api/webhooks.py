@@ -13,6 +13,7 @@ from marshmallow import Schema, fields
 from sqlalchemy import select
 
 from api import context
+from api.docs import public_errors, replayed
 from api.schemas.common import Timestamp, envelope, ok
 from app import engine, ratelimit, secrets, webhooks
 from app.errors import Unauthorized
@@ -152,6 +153,8 @@ def _summarize(services: Services, workflow: Workflow, row_key: str, more: int, 
 class WebhookDeliveryView(MethodView):
     @blp.doc(security=[], requestBody={"content": {"application/json": {"schema": {"type": "object"}}}})
     @blp.response(202, DeliveryResultEnvelope)
+    @replayed(blp, DeliveryResultEnvelope, "the run the first delivery started (duplicate: true)")
+    @public_errors(blp, 400, 401, 413, 429, 503)
     def post(self, workflow_id: str) -> tuple[dict[str, Any], int]:
         """Receive a delivery: verify its signature, then start one run per signed delivery (202; 200)."""
         ratelimit.check_webhook(workflow_id)  # anonymous: limited per workflow (429), before any query

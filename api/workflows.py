@@ -9,6 +9,7 @@ from flask_smorest import Blueprint
 from sqlalchemy import select
 
 from api import context
+from api.docs import errors, replayed
 from api.pagination import meta, page
 from api.runs import run_detail
 from api.schemas.common import ok
@@ -42,6 +43,7 @@ def _definition_doc() -> dict[str, Any]:
 class WorkflowList(MethodView):
     @blp.doc(**_definition_doc())
     @blp.response(201, WorkflowEnvelope)
+    @errors(blp, 403, 409, 413)
     def post(self) -> tuple[dict[str, Any], int]:
         """Create a workflow (version 1)."""
         context.require(WORKFLOWS_WRITE)
@@ -53,6 +55,7 @@ class WorkflowList(MethodView):
 
     @blp.arguments(ListWorkflowsQuerySchema, location="query", error_status_code=400)
     @blp.response(200, WorkflowListEnvelope)
+    @errors(blp)
     def get(self, args: dict[str, Any]) -> dict[str, Any]:
         """List workflows, newest first."""
         query = select(Workflow).where(
@@ -72,6 +75,7 @@ class WorkflowList(MethodView):
 @blp.route("/<string:workflow_id>")
 class WorkflowItem(MethodView):
     @blp.response(200, WorkflowEnvelope)
+    @errors(blp, 404)
     def get(self, workflow_id: str) -> dict[str, Any]:
         """Get a workflow's current version."""
         with context.services().db.session() as session:
@@ -80,6 +84,7 @@ class WorkflowItem(MethodView):
 
     @blp.doc(**_definition_doc())
     @blp.response(200, WorkflowEnvelope)
+    @errors(blp, 403, 404, 413)
     def put(self, workflow_id: str) -> dict[str, Any]:
         """Replace the definition: a new immutable version; running runs keep theirs."""
         context.require(WORKFLOWS_WRITE)
@@ -90,6 +95,7 @@ class WorkflowItem(MethodView):
             return ok(workflows.view(session, workflow, definition))
 
     @blp.response(200, DeletedEnvelope)
+    @errors(blp, 403, 404)
     def delete(self, workflow_id: str) -> dict[str, Any]:
         """Delete a workflow; its runs stay readable."""
         context.require(WORKFLOWS_WRITE)
@@ -112,6 +118,8 @@ class WorkflowRuns(MethodView):
         ],
     )
     @blp.response(202, RunEnvelope)
+    @replayed(blp, RunEnvelope, "the run the first request with this Idempotency-Key started")
+    @errors(blp, 403, 404, 409, 413)
     def post(self, workflow_id: str) -> tuple[dict[str, Any], int, dict[str, str]]:
         """Trigger a run (trigger type ``api``); 202 with the run, 200 for an idempotent repeat."""
         context.require(RUNS_WRITE)
@@ -138,6 +146,7 @@ class WorkflowRuns(MethodView):
 class WorkflowDeliveries(MethodView):
     @blp.arguments(ListWorkflowsQuerySchema, location="query", error_status_code=400)
     @blp.response(200, DeliveryListEnvelope)
+    @errors(blp, 404)
     def get(self, args: dict[str, Any], workflow_id: str) -> dict[str, Any]:
         """Webhook delivery log, newest first: what a sender sent, and why it was refused."""
         with context.services().db.session() as session:

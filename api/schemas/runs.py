@@ -6,6 +6,7 @@ from typing import Any
 
 from marshmallow import RAISE, Schema, fields, validate
 
+from api.pagination import MAX_CURSOR_CHARS
 from api.schemas.common import AnyJSON, Timestamp, envelope
 from app.engine.states import attempt_made
 from app.ids import WORKFLOW_ID
@@ -22,8 +23,8 @@ class RunSummarySchema(Schema):
     workflowId = fields.String(attribute="workflow_id")
     status = fields.String()
     triggerType = fields.String(attribute="trigger_type")
-    startedAt = Timestamp(attribute="started_at")
-    completedAt = Timestamp(attribute="completed_at")
+    startedAt = Timestamp(attribute="started_at", allow_none=True)
+    completedAt = Timestamp(attribute="completed_at", allow_none=True)
     durationMs = fields.Integer(attribute="duration_ms", allow_none=True)
     error = fields.Nested(RunErrorSchema, allow_none=True)
     createdAt = Timestamp(attribute="created_at")
@@ -32,8 +33,8 @@ class RunSummarySchema(Schema):
 class StepResultSchema(Schema):
     stepId = fields.String(attribute="step_id")
     status = fields.String()
-    startedAt = Timestamp(attribute="started_at")
-    completedAt = Timestamp(attribute="completed_at")
+    startedAt = Timestamp(attribute="started_at", allow_none=True)
+    completedAt = Timestamp(attribute="completed_at", allow_none=True)
     durationMs = fields.Integer(attribute="duration_ms", allow_none=True)
     input = AnyJSON()
     output = AnyJSON()
@@ -50,8 +51,8 @@ class RunDetailSchema(Schema):
     input = AnyJSON()
     output = AnyJSON()
     stepResults = fields.List(fields.Nested(StepResultSchema), attribute="step_results")
-    startedAt = Timestamp(attribute="started_at")
-    completedAt = Timestamp(attribute="completed_at")
+    startedAt = Timestamp(attribute="started_at", allow_none=True)
+    completedAt = Timestamp(attribute="completed_at", allow_none=True)
     durationMs = fields.Integer(attribute="duration_ms", allow_none=True)
     error = fields.Nested(RunErrorSchema, allow_none=True)
     createdAt = Timestamp(attribute="created_at")
@@ -65,8 +66,8 @@ class RunLogsSchema(Schema):
     workflowId = fields.String(attribute="workflow_id")
     status = fields.String()
     logs = fields.List(fields.Nested(StepResultSchema))
-    startedAt = Timestamp(attribute="started_at")
-    completedAt = Timestamp(attribute="completed_at")
+    startedAt = Timestamp(attribute="started_at", allow_none=True)
+    completedAt = Timestamp(attribute="completed_at", allow_none=True)
     durationMs = fields.Integer(attribute="duration_ms", allow_none=True)
     error = fields.Nested(RunErrorSchema, allow_none=True)
 
@@ -81,7 +82,7 @@ class ListRunsQuerySchema(Schema):
     workflowId = fields.String(validate=validate.Regexp(WORKFLOW_ID, error="Not a workflow id"))
     status = fields.String(validate=validate.OneOf(RUN_STATUSES))
     limit = fields.Integer(load_default=50, validate=validate.Range(1, 100), strict=False)
-    cursor = fields.String(validate=validate.Length(1, 500))
+    cursor = fields.String(validate=validate.Length(1, MAX_CURSOR_CHARS))
 
 
 class RetryBodySchema(Schema):

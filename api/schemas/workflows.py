@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from marshmallow import RAISE, Schema, fields, validate
 
+from api.pagination import MAX_CURSOR_CHARS
 from api.schemas.common import AnyJSON, Timestamp, envelope
 from app.definition import DefinitionSchema
 
@@ -19,7 +20,9 @@ class WorkflowSchema(Schema):
     triggers = AnyJSON()
     createdAt = Timestamp(attribute="created_at")
     updatedAt = Timestamp(attribute="updated_at")
-    nextRunAt = Timestamp(attribute="next_run_at", metadata={"description": "Next schedule fire time (UTC)"})
+    nextRunAt = Timestamp(
+        attribute="next_run_at", allow_none=True, metadata={"description": "Next schedule fire time (UTC)"}
+    )
 
 
 class WorkflowCreateSchema(DefinitionSchema):
@@ -37,7 +40,7 @@ class DeletedSchema(Schema):
 
 class ListWorkflowsQuerySchema(Schema):
     limit = fields.Integer(load_default=50, validate=validate.Range(1, 100))
-    cursor = fields.String(validate=validate.Length(1, 500))
+    cursor = fields.String(validate=validate.Length(1, MAX_CURSOR_CHARS))
 
 
 class TriggerSchema(Schema):
