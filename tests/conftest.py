@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -108,14 +109,23 @@ def worker(services: Services) -> Iterator[dramatiq.Worker]:
 def scheduler(services: Services) -> Iterator[Any]:
     """The scheduler (recovery sweeps, run timeouts) in a thread, only for the tests that ask for it:
     a sweeper running behind every test would race tests that drive the sweeps with their own clock."""
+    with running_scheduler(services, interval_s=0.05) as instance:
+        yield instance
+
+
+@contextmanager
+def running_scheduler(services: Services, interval_s: float) -> Iterator[Any]:
+    """A scheduler in a thread of this process, stopped and joined on exit."""
     from workers.scheduler import Scheduler
 
-    instance = Scheduler(services, interval_s=0.05)
+    instance = Scheduler(services, interval_s=interval_s)
     thread = threading.Thread(target=instance.run, daemon=True)
     thread.start()
-    yield instance
-    instance.stop()
-    thread.join(timeout=10)
+    try:
+        yield instance
+    finally:
+        instance.stop()
+        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ import pytest
 from app.config import Config
 from app.factory import create_app
 from app.queue import StepQueue, make_broker
-from tests.conftest import wait_for
+from tests.conftest import running_scheduler, wait_for
 
 BATON = str(Path(sys.executable).with_name("baton"))
 
@@ -248,16 +248,8 @@ def test_without_redis_url_and_no_embedded_redis_the_command_exits_1(command, co
 @pytest.fixture
 def sweeper(pool_services: Any) -> Iterator[Any]:
     """The scheduler's sweeps, sending into this module's namespace."""
-    import threading
-
-    from workers.scheduler import Scheduler
-
-    instance = Scheduler(pool_services, interval_s=0.2)
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    yield instance
-    instance.stop()
-    thread.join(timeout=10)
+    with running_scheduler(pool_services, interval_s=0.2) as instance:
+        yield instance
 
 
 def _logs(client: Any, headers: dict[str, str], run_id: str) -> list[dict[str, Any]]:
