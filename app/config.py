@@ -21,6 +21,16 @@ def _networks(value: str) -> tuple[str, ...]:
     return tuple(networks)
 
 
+def _step_cap(value: str) -> int:
+    """``auto`` (or unset) is -1; otherwise a number of steps, 0 for no cap."""
+    value = value.strip().lower()
+    if value in ("", "auto"):
+        return -1
+    if not value.isdigit():
+        raise ValueError(f"BATON_COMPANY_MAX_CONCURRENT_STEPS: {value!r} is not a number or 'auto'")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class Config:
     """Settings for every Baton process; build with ``Config.from_env()``."""
@@ -48,9 +58,8 @@ class Config:
     # the shortest cron interval and the schedules one company may keep.
     rate_limit: str = "3000/minute"
     webhook_rate_limit: str = "600/minute"
-    # Off by default: a message over the cap is re-queued after a database claim attempt, which
-    # cost a single-tenant backlog 60 % of its throughput (measured); multi-tenant deployments set it.
-    company_max_concurrent_steps: int = 0
+    # -1 ("auto", the default): three quarters of the live worker threads; 0: no cap (app/slots.py).
+    company_max_concurrent_steps: int = -1
     schedule_min_interval_s: int = 60
     max_schedules_per_company: int = 100
     # Fernet keys for the secrets store: the first encrypts, all decrypt (rotation). Empty means a
@@ -74,7 +83,7 @@ class Config:
             http_max_response_bytes=int(env.get("BATON_HTTP_MAX_RESPONSE_BYTES") or 1024 * 1024),
             rate_limit=env.get("BATON_RATE_LIMIT") or "3000/minute",
             webhook_rate_limit=env.get("BATON_WEBHOOK_RATE_LIMIT") or "600/minute",
-            company_max_concurrent_steps=int(env.get("BATON_COMPANY_MAX_CONCURRENT_STEPS") or 0),
+            company_max_concurrent_steps=_step_cap(env.get("BATON_COMPANY_MAX_CONCURRENT_STEPS", "")),
             schedule_min_interval_s=int(env.get("BATON_SCHEDULE_MIN_INTERVAL_S") or 60),
             max_schedules_per_company=int(env.get("BATON_MAX_SCHEDULES_PER_COMPANY") or 100),
             secrets_keys=tuple(k.strip() for k in env.get("BATON_SECRETS_KEYS", "").split(",") if k.strip()),

@@ -60,6 +60,25 @@ def decrypt(config: Config, token: str) -> str:
     return cipher(config).decrypt(token.encode()).decode()
 
 
+def rotate(session: Session, config: Config, batch: int = 500) -> int:
+    """Re-encrypt every stored secret with the first configured key (after a new key was put first),
+    so the old key can then be dropped. Returns the number of secrets rewritten."""
+    fernet, done, after = cipher(config), 0, ""
+    while True:
+        rows = list(
+            session.execute(
+                select(Secret).where(Secret.id > after).order_by(Secret.id).limit(batch)
+            ).scalars()
+        )
+        for row in rows:
+            row.ciphertext = fernet.rotate(row.ciphertext.encode()).decode()
+        session.commit()
+        done += len(rows)
+        if len(rows) < batch:
+            return done
+        after = rows[-1].id
+
+
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not NAME.match(name):
         raise ValidationError(

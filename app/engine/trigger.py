@@ -105,17 +105,17 @@ def create_run(
             if existing is None:
                 raise
             return existing, False
-    if not send_or_leave_to_sweep(services, run.id, first_step, 1):
+    if not send_or_leave_to_sweep(services, run.id, first_step, 1, company_id=run.company_id):
         _mark_unsent(services, run.id, first_step, 1)
     return run, True
 
 
 def send_or_leave_to_sweep(
-    services: Services, run_id: str, step_id: str, attempt: int, delay_ms: int = 0
+    services: Services, run_id: str, step_id: str, attempt: int, delay_ms: int = 0, *, company_id: str
 ) -> bool:
     """The step is committed (queued or waiting); if the broker is down, the sweep sends it later."""
     try:
-        services.queue.enqueue(run_id, step_id, attempt, delay_ms)
+        services.queue.enqueue(run_id, step_id, attempt, delay_ms, company_id)
         return True
     except Exception:  # any broker failure: the row is the source of truth
         logger.warning("could not enqueue %s/%s; the sweep will send it", run_id, step_id, exc_info=True)

@@ -67,6 +67,7 @@ class Sent:
     run_id: str
     step_id: str
     attempt: int
+    company_id: str | None  # lets the worker apply the company's step cap before any database work
     delayed: bool
     eta: int | None  # epoch ms, delayed messages only
 
