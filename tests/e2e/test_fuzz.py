@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import schemathesis
+import schemathesis.specs.openapi.schemas  # noqa: F401
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
@@ -29,6 +30,10 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from tests.conftest import new_key
+
+# The import above is at collection, on purpose: schemathesis imports its OpenAPI module lazily, and
+# CPython 3.11.7 can fail to compile a module ("AST constructor recursion depth mismatch", fixed in
+# 3.11.8) once an earlier test in the process has recovered from a RecursionError.
 
 EXAMPLES_PER_OPERATION = 100  # x 24 operations: ~2,000 cases, about 30 s in-process
 MIN_CASES = 1_000

@@ -33,13 +33,19 @@ def capped(services: Services, cap: int = CAP) -> Services:
 
 @pytest.fixture
 def c(engine_services: Services, queue: BrokerQueue) -> Iterator[Engine]:
-    """A company whose steps are capped at CAP."""
+    """A company whose steps are capped at CAP (and no per-process limit: the session's in-process
+    worker, if one started, set it for its own threads)."""
     instance = Engine(capped(engine_services), queue)
+    limit, slots.local.limit = slots.local.limit, 0
+    busy = slots.local.busy.copy()
+    slots.local.busy.clear()
     yield instance
     instance.end_live_runs()
     for key in (slots.slots_key, slots.parked_key):
         instance.services.redis.delete(key(instance.services, instance.company_id))
+    slots.local.limit = limit
     slots.local.busy.clear()
+    slots.local.busy.update(busy)
 
 
 def held(e: Engine) -> list[str]:
@@ -171,7 +177,7 @@ def test_a_process_keeps_one_thread_free_of_any_one_company(c: Engine) -> None:
         assert slots.leave(roomy.services, roomy.company_id, runs[0]) == message(roomy, runs[2])
         assert slots.local.busy[roomy.company_id] == 2
     finally:
-        slots.local.limit = 0
+        slots.local.limit = 0  # the fixture restores the process's own limit
 
 
 def test_redis_down_fails_open_and_no_cap_makes_no_call(engine_services: Services, caplog) -> None:
