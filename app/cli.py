@@ -41,6 +41,11 @@ def _on_sigterm(_signum: int, _frame: Any) -> None:
 class BatonGroup(FlaskGroup):
     """Baton's commands only (no app is built to list them), every error as one line on stderr."""
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # Flask's --app, --debug and --env-file select and configure an app none of these commands loads.
+        self.params = [p for p in self.params if p.name not in ("app", "debug", "env_file")]
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         # FlaskGroup would build the app here, connecting to Redis and the database for `--help`.
         return sorted(self.commands)
@@ -57,11 +62,15 @@ class BatonGroup(FlaskGroup):
         return super().group(*args, **kwargs)
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        """Click's main, with every failure printed as one line and its exit status."""
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
         with _sigterm_stops():
             try:
                 code = super().main(*args, standalone_mode=False, **kwargs)
+            except click.exceptions.NoArgsIsHelpError as exc:
+                exc.show()  # `baton` or `baton runs` alone: the help, as click shows it
+                sys.exit(exc.exit_code)
             except click.exceptions.UsageError as exc:
                 hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
                 _exit_with(f"Error: {exc.format_message()}{hint}", exc.exit_code)
@@ -476,7 +485,10 @@ def _database_session() -> Iterator[Any]:
     """A session on the deployment's database (no Redis, no app: key administration is local)."""
     from app.db import Database
 
-    db = Database(_config(), pool_size=1)
+    config = _config()
+    if config.embedded_database:
+        _upgrade(config)  # the embedded SQLite file may not exist yet
+    db = Database(config, pool_size=1)
     try:
         with db.session() as session:
             yield session

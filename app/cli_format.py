@@ -60,6 +60,7 @@ def duration(ms: int | None) -> str:
 
 
 def error_text(error: dict[str, Any] | None, width: int = 60) -> str:
+    """``CODE: message`` on one line, cut to ``width``."""
     if not error:
         return ""
     text = f"{error.get('code', '')}: {error.get('message', '')}".replace("\n", " ")

@@ -172,6 +172,7 @@ def step_ids_of(client: ApiClient, run: dict[str, Any]) -> list[str]:
 
 
 def summary(run: dict[str, Any], view: WatchView) -> str:
+    """The closing line: the outcome, how long it took, how many steps ended, and the error."""
     took = duration(run.get("durationMs"))
     text = f"run {run['status']}" + (f" in {took}" if took != "-" else "")
     text += f" ({view.done}/{view.total} steps)"

@@ -98,6 +98,7 @@ class ApiClient:
             self.session.headers["x-api-key"] = where.api_key
 
     def unreachable(self, exc: requests.RequestException) -> ClientError:
+        """A failed connection as one line naming BATON_URL."""
         return ClientError(f"cannot reach the Baton API at {self.url} (BATON_URL): {_reason(exc)}")
 
     def send(
@@ -124,6 +125,7 @@ class ApiClient:
         return self.envelope(self.send(method, path, **kwargs))
 
     def envelope(self, response: requests.Response) -> dict[str, Any]:
+        """The answer's envelope when it succeeded; :class:`ApiError` when it is the error envelope."""
         try:
             body = response.json()
         except ValueError:
