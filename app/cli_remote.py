@@ -119,7 +119,9 @@ def login(url: str | None) -> None:
     The key comes from BATON_API_KEY, stdin, or a hidden prompt (never the command line).
     """
     config = Config.from_env()
-    url = (url or config.api_url or click.prompt("Baton URL", default=DEFAULT_URL)).rstrip("/")
+    if not url and not config.api_url and sys.stdin.isatty():
+        url = click.prompt("Baton URL", default=DEFAULT_URL)
+    url = (url or config.api_url or DEFAULT_URL).rstrip("/")
     key = config.api_key
     if not key:
         key = click.prompt("API key", hide_input=True) if sys.stdin.isatty() else sys.stdin.readline()
