@@ -27,7 +27,7 @@ from app.config import Config
 from app.errors import BatonError
 
 EXAMPLE = Path(__file__).resolve().parent / "examples" / "hello.json"
-EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+EXIT_SIGINT, EXIT_SIGTERM, EXIT_BROKEN_PIPE = 130, 143, 141
 
 
 class Stopped(Exception):
@@ -80,6 +80,10 @@ class BatonGroup(FlaskGroup):
                 _exit_with("Aborted.", EXIT_SIGINT)
             except Stopped:
                 _exit_with("Stopped.", EXIT_SIGTERM)
+            except BrokenPipeError:
+                # The reader went away (`| head`): say nothing, and keep exit-time flushes quiet too.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                sys.exit(EXIT_BROKEN_PIPE)
             except Exception as exc:  # noqa: BLE001  (any error is one line, never a traceback)
                 _exit_with(one_line(exc), 1)
         sys.exit(code if isinstance(code, int) else 0)
