@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -29,6 +30,12 @@ def _step_cap(value: str) -> int:
     if not value.isdigit():
         raise ValueError(f"BATON_COMPANY_MAX_CONCURRENT_STEPS: {value!r} is not a number or 'auto'")
     return int(value)
+
+
+def _cli_config_dir(env: Mapping[str, str]) -> Path:
+    """Where `baton login` keeps its profile: the XDG config directory, else ~/.config."""
+    base = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME") or Path.home()) / ".config")
+    return Path(base) / "baton"
 
 
 @dataclass(frozen=True)
@@ -65,9 +72,14 @@ class Config:
     # Fernet keys for the secrets store: the first encrypts, all decrypt (rotation). Empty means a
     # development key derived from secret_key; production must set BATON_SECRETS_KEYS.
     secrets_keys: tuple[str, ...] = ()
+    # The CLI's client side: the API it talks to and the key it sends. Unset (None) falls back to
+    # the profile `baton login` wrote under cli_config_dir, then to the local API.
+    api_url: str | None = None
+    api_key: str | None = None
+    cli_config_dir: Path = field(default_factory=lambda: Path.home() / ".config" / "baton")
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> Config:
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
         env = os.environ if environ is None else environ
         modules = tuple(m.strip() for m in env.get("BATON_ACTION_MODULES", "").split(",") if m.strip())
         return cls(
@@ -88,6 +100,9 @@ class Config:
             max_schedules_per_company=int(env.get("BATON_MAX_SCHEDULES_PER_COMPANY") or 100),
             secrets_keys=tuple(k.strip() for k in env.get("BATON_SECRETS_KEYS", "").split(",") if k.strip()),
             json_max_depth=int(env.get("BATON_JSON_MAX_DEPTH") or 64),
+            api_url=env.get("BATON_URL") or None,
+            api_key=env.get("BATON_API_KEY") or None,
+            cli_config_dir=_cli_config_dir(env),
         )
 
     def with_overrides(self, **changes: object) -> Config:
@@ -123,6 +138,10 @@ class Config:
         if self.redis_url:
             return self.redis_url
         return f"unix://{self.redis_socket}"
+
+    @property
+    def cli_profile_path(self) -> Path:
+        return self.cli_config_dir / "profile.json"
 
     def resolved_broker_url(self) -> str:
         return self.broker_url or self.resolved_redis_url()

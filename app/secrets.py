@@ -60,10 +60,11 @@ def decrypt(config: Config, token: str) -> str:
     return cipher(config).decrypt(token.encode()).decode()
 
 
-def rotate(session: Session, config: Config, batch: int = 500) -> int:
+def rotate(session: Session, config: Config, batch: int = 500) -> tuple[int, list[str]]:
     """Re-encrypt every stored secret with the first configured key (after a new key was put first),
-    so the old key can then be dropped. Returns the number of secrets rewritten."""
-    fernet, done, after = cipher(config), 0, ""
+    so the old key can then be dropped. Returns how many were rewritten, and the ids of those no
+    configured key decrypts (left as they are)."""
+    fernet, done, unreadable, after = cipher(config), 0, [], ""
     while True:
         rows = list(
             session.execute(
@@ -71,11 +72,14 @@ def rotate(session: Session, config: Config, batch: int = 500) -> int:
             ).scalars()
         )
         for row in rows:
-            row.ciphertext = fernet.rotate(row.ciphertext.encode()).decode()
+            try:
+                row.ciphertext = fernet.rotate(row.ciphertext.encode()).decode()
+                done += 1
+            except InvalidToken:
+                unreadable.append(row.id)
         session.commit()
-        done += len(rows)
         if len(rows) < batch:
-            return done
+            return done, unreadable
         after = rows[-1].id
 
 
