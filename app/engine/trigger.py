@@ -14,6 +14,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app import events
 from app.engine import statements as sql
 from app.engine.reads import definition_for, get_workflow
 from app.engine.states import STUCK_AFTER
@@ -178,6 +179,7 @@ def insert_run(
         _step_row(run.id, index, step, start, now, reused) for index, step in enumerate(definition["steps"])
     ]
     session.execute(insert(StepRun), rows)
+    events.note_created(session, run, rows)
     return run
 
 
