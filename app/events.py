@@ -1,7 +1,7 @@
 """Run events: every status change the engine's transitions make, published after its commit.
 
 A transition *notes* its change on the SQLAlchemy session (``session.info``, no I/O); when the
-session commits, one Redis pipeline appends the commit's events to two Redis Streams under the
+session commits, one Redis script call appends the commit's events to two Redis Streams under the
 queue namespace: the run's own stream (its whole history, kept ``RUN_STREAM_TTL_S``) and the
 company's stream (capped, approximately, at ``COMPANY_STREAM_MAXLEN`` entries). A rolled-back
 transaction publishes nothing, and publishing is best effort: a Redis error is logged and never
@@ -190,12 +190,28 @@ def company_stream(namespace: str, company_id: str) -> str:
     return f"{namespace}:events:company:{company_id}"
 
 
+# Appends each event to its run's stream (trimmed, with its expiry renewed) and its company's stream,
+# atomically: a reader blocked on either gets a commit's entries together, never half of them. One
+# script call costs half the client CPU of the same commands in a pipeline (measured).
+# KEYS: run stream, company stream (per event); ARGV: run maxlen, company maxlen, ttl, then
+# kind, data, workflow id (per event).
+_APPEND = """
+for i = 0, (#ARGV - 3) / 3 - 1 do
+  local kind, data = ARGV[4 + i * 3], ARGV[5 + i * 3]
+  redis.call('XADD', KEYS[1 + i * 2], 'MAXLEN', '~', ARGV[1], '*', 'e', kind, 'd', data)
+  redis.call('XADD', KEYS[2 + i * 2], 'MAXLEN', '~', ARGV[2], '*', 'e', kind, 'd', data, 'w', ARGV[6 + i * 3])
+  redis.call('EXPIRE', KEYS[1 + i * 2], ARGV[3])
+end
+"""
+
+
 class Publisher:
-    """Publishes each commit's noted events in one pipeline; discards a rolled-back transaction's."""
+    """Publishes each commit's noted events in one script call; discards a rolled-back transaction's."""
 
     def __init__(self, client: redis.Redis, namespace: str) -> None:
         self.redis = client
         self.namespace = namespace
+        self.append = client.register_script(_APPEND)  # EVALSHA, loaded again after a Redis restart
 
     def after_commit(self, session: Session) -> None:
         noted = session.info.pop(_NOTED, None)
@@ -208,38 +224,27 @@ class Publisher:
             session.info.pop(_NOTED, None)
 
     def publish(self, events: list[Event]) -> None:
-        """Best effort: an error is logged, never raised (the commit stands either way).
-
-        MULTI/EXEC: a reader blocked on a stream gets a commit's entries together, never half of
-        them. A run's status change goes after its steps' (a cancel's skipped steps come before
-        the run's final event), its creation first."""
+        """Best effort: an error is logged, never raised (the commit stands either way). A run's
+        status change goes after its steps' (a cancel's skipped steps come before the run's final
+        event), its creation first."""
+        keys: list[str] = []
+        args: list[Any] = [RUN_STREAM_MAXLEN, COMPANY_STREAM_MAXLEN, RUN_STREAM_TTL_S]
+        for e in sorted(events, key=_run_moves_last):
+            keys += (run_stream(self.namespace, e.run_id), company_stream(self.namespace, e.company_id))
+            args += (e.kind, encode(e.data), e.workflow_id)
         try:
-            pipe = self.redis.pipeline(transaction=True)
-            runs = {}
-            for e in sorted(events, key=_run_moves_last):
-                fields = {"e": e.kind, "d": encode(e.data)}
-                key = runs.setdefault(e.run_id, run_stream(self.namespace, e.run_id))
-                pipe.xadd(key, fields, maxlen=RUN_STREAM_MAXLEN, approximate=True)
-                pipe.xadd(
-                    company_stream(self.namespace, e.company_id),
-                    {**fields, "w": e.workflow_id},
-                    maxlen=COMPANY_STREAM_MAXLEN,
-                    approximate=True,
-                )
-            for key in runs.values():
-                pipe.expire(key, RUN_STREAM_TTL_S)
-            pipe.execute()
+            self.append(keys, args)
         except Exception as exc:  # noqa: BLE001 (any failure: the transition already committed)
             logger.warning("could not publish %d run event(s): %s", len(events), exc)
+
+
+def _run_moves_last(e: Event) -> bool:
+    return e.kind == RUN and e.data["status"] != RunStatus.PENDING
 
 
 def publisher_for(db: Database) -> Publisher | None:
     """The publisher of ``db``'s sessions (its namespace is where their events go)."""
     return _publishers.get(db)
-
-
-def _run_moves_last(e: Event) -> bool:
-    return e.kind == RUN and e.data["status"] != RunStatus.PENDING
 
 
 def attach(db: Database, client: redis.Redis, namespace: str) -> None:
