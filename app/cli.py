@@ -172,6 +172,10 @@ def _exec(args: list[str], env: dict[str, str]) -> None:
     os.execvpe(args[0], args, env)
 
 
+# Threads per API process: each open event stream holds one for up to api.events.STREAM_MAX_S.
+API_THREADS = 16
+
+
 def api_command(config: Config, host: str, port: int, workers: int) -> list[str]:
     return [
         sys.executable,
@@ -182,8 +186,12 @@ def api_command(config: Config, host: str, port: int, workers: int) -> list[str]
         f"{host}:{port}",
         "--workers",
         str(workers),
+        "--worker-class",
+        "gthread",
         "--threads",
-        "4",
+        str(API_THREADS),
+        "--config",
+        "python:app.gunicorn_conf",
         "--graceful-timeout",
         "20",
         "--access-logfile",

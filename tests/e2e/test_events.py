@@ -7,10 +7,16 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -409,3 +415,67 @@ def test_get_run_lists_the_runs_restarted_from_it_newest_first(
     assert shown["restartedRunIds"] == children[::-1]
     child = wait_run(children[0])
     assert child["restartedFromRunId"] == original["id"] and child["restartedRunIds"] == []
+
+
+# ------------------------------------------------------------------ under gunicorn (baton api)
+
+BATON = str(Path(sys.executable).with_name("baton"))
+
+
+@pytest.fixture
+def gunicorn_api(config: Any, tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
+    """``baton api`` with one worker process on the session's database and Redis."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "BROKER_URL"}
+    env.update(
+        DATABASE_URL=str(config.database_url),
+        REDIS_URL=str(config.redis_url),
+        BATON_QUEUE_NAMESPACE=config.queue_namespace,
+        BATON_RATE_LIMIT="1000000/minute",
+        BATON_LOG_LEVEL="WARNING",
+    )
+    log = tmp_path / "api.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [BATON, "api", "--port", str(port), "--workers", "1"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            return requests.get(f"{base}/healthz", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    try:
+        wait_for(ready, 30, f"baton api on {base}")
+        yield base, proc, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_open_streams_neither_starve_the_api_nor_hold_up_its_shutdown(gunicorn_api, headers):
+    base, proc, log = gunicorn_api
+    streams = [Stream(base, "/api/v1/events", headers) for _ in range(8)]  # more than the old 4 threads
+    for stream in streams:
+        wait_for(lambda s=stream: s.items, what="a stream to open")
+    listed = requests.get(f"{base}/api/v1/runs", headers=headers, timeout=10)
+    assert listed.status_code == 200 and listed.json()["success"] is True
+    stopping = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    stopped_s = time.monotonic() - stopping
+    print(f"\nbaton api stopped {stopped_s:.1f} s after SIGTERM with {len(streams)} streams open")
+    for stream in streams:
+        stream.wait_closed(timeout=5)
+    assert proc.returncode == 0, log.read_text(errors="replace")
+    # Its graceful timeout is 20 s: the streams ended on SIGTERM rather than being waited out.
+    assert stopped_s < 15, log.read_text(errors="replace")
