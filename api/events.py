@@ -20,7 +20,7 @@ import redis
 from flask import Response, request, stream_with_context
 from flask.views import MethodView
 from flask_smorest import Blueprint
-from marshmallow import Schema, fields, validate
+from marshmallow import EXCLUDE, Schema, fields, validate
 
 from api import context
 from api.docs import errors
@@ -219,16 +219,15 @@ class CompanyEventsQuerySchema(RunEventsQuerySchema):
     )
 
 
-_STREAM_DOC: dict[str, Any] = {
-    "parameters": [
-        {
-            "in": "header",
-            "name": "Last-Event-ID",
-            "schema": {"type": "string", "pattern": _EVENT_ID.pattern},
-            "description": "Resume after this event id: exactly the events after it, none twice",
-        }
-    ],
-}
+class LastEventIdHeaderSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE  # every other header
+
+    lastEventId = fields.String(
+        data_key="Last-Event-ID",
+        validate=validate.Regexp(_EVENT_ID, error=_ID_RULE),
+        metadata={"description": "Resume after this event id: exactly the events after it, none twice"},
+    )
 
 
 def _stream_responses(what: str, *, no_content: bool = False) -> dict[str, Any]:
@@ -238,7 +237,7 @@ def _stream_responses(what: str, *, no_content: bool = False) -> dict[str, Any]:
         responses["204"] = {
             "description": "Resumed after the final event of a finished run: nothing more (EventSource stops)"
         }
-    return {**_STREAM_DOC, "responses": responses}
+    return {"responses": responses}
 
 
 RUN_STREAM_DOC = "The run's events: its history, then live, ending after its final event"
@@ -247,15 +246,17 @@ RUN_STREAM_DOC = "The run's events: its history, then live, ending after its fin
 @blp.route("/runs/<string:run_id>/events")
 class RunEvents(MethodView):
     @blp.arguments(RunEventsQuerySchema, location="query", error_status_code=400)
+    @blp.arguments(LastEventIdHeaderSchema, location="headers", error_status_code=400)
     @blp.doc(**_stream_responses(RUN_STREAM_DOC, no_content=True))
     @errors(blp, 403, 404)
-    def get(self, args: dict[str, Any], run_id: str) -> Response:
+    def get(self, args: dict[str, Any], _headers: dict[str, Any], run_id: str) -> Response:
         """Stream a run's status and step changes (Server-Sent Events); ends after its final event."""
         context.require(RUNS_READ)
         if not RUN_ID.match(run_id):
             raise NotFound("Run not found")
-        feed = run_feed(context.services(), context.company_id(), run_id, _last_event_id(args))
-        if _replay_nothing(feed) and _last_event_id(args) is not None:
+        last = _last_event_id(args)
+        feed = run_feed(context.services(), context.company_id(), run_id, last)
+        if last is not None and _replay_nothing(feed):
             return Response(status=204, headers=HEADERS)
         return _respond(feed)
 
@@ -263,9 +264,10 @@ class RunEvents(MethodView):
 @blp.route("/events")
 class CompanyEvents(MethodView):
     @blp.arguments(CompanyEventsQuerySchema, location="query", error_status_code=400)
+    @blp.arguments(LastEventIdHeaderSchema, location="headers", error_status_code=400)
     @blp.doc(**_stream_responses("The company's run and step changes from now (or after Last-Event-ID)"))
     @errors(blp, 403)
-    def get(self, args: dict[str, Any]) -> Response:
+    def get(self, args: dict[str, Any], _headers: dict[str, Any]) -> Response:
         """Stream the company's run and step changes (Server-Sent Events), optionally one workflow's."""
         context.require(RUNS_READ)
         last = _last_event_id(args)
