@@ -230,8 +230,27 @@ class LastEventIdHeaderSchema(Schema):
     )
 
 
+# One event of the stream (comments such as ``: heartbeat`` are not events).
+EVENT_SCHEMA = {
+    "type": "object",
+    "required": ["id", "event", "data"],
+    "properties": {
+        "id": {"type": "string", "description": "Resume after it with Last-Event-ID"},
+        "event": {"type": "string", "enum": [events.RUN, events.STEP]},
+        "data": {
+            "type": "string",
+            "description": (
+                "camelCase JSON: run events {runId, workflowId, status, startedAt, completedAt, "
+                "durationMs, error}; step events {runId, stepId, status, attempt, startedAt, "
+                "completedAt, durationMs, error}"
+            ),
+        },
+    },
+}
+
+
 def _stream_responses(what: str, *, no_content: bool = False) -> dict[str, Any]:
-    content = {"text/event-stream": {"schema": {"type": "string", "description": what}}}
+    content = {"text/event-stream": {"schema": {**EVENT_SCHEMA, "description": what}}}
     responses: dict[str, Any] = {"200": {"description": what, "content": content}}
     if no_content:
         responses["204"] = {
