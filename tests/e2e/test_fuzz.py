@@ -32,9 +32,10 @@ from schemathesis.specs.openapi.checks import (
 import api.events
 from tests.conftest import new_key
 
-# The import above is at collection, on purpose: schemathesis imports its OpenAPI module lazily, and
-# CPython 3.11.7 can fail to compile a module ("AST constructor recursion depth mismatch", fixed in
-# 3.11.8) once an earlier test in the process has recovered from a RecursionError.
+# schemathesis.specs.openapi.schemas is imported at collection, on purpose: schemathesis imports
+# its OpenAPI module lazily, and CPython 3.11.7 can fail to compile a module ("AST constructor
+# recursion depth mismatch", fixed in 3.11.8) once an earlier test in the process has recovered from
+# a RecursionError.
 
 EXAMPLES_PER_OPERATION = 100  # x 26 operations: ~2,000 cases, about 30 s in-process
 MIN_CASES = 1_000
