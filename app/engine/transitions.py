@@ -4,6 +4,8 @@ Each is a compare-and-set from the legal sources in ``states`` (``UPDATE … WHE
 and returns whether it applied; a caller that asks for a move the table does not allow gets
 ``IllegalTransition``. Callers hold the run row's lock where they need a consistent run status
 (cancel, finish, park); chaining to the next step needs none (see ``statements.CLAIM_NEXT``).
+Each move that applied notes its run event on the session (``app.events``): published after the
+commit, from what the move wrote (no extra statement), and dropped if the transaction rolls back.
 """
 
 from __future__ import annotations
