@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from api import events as api_events
 from app import keys
 from app.keys import ADMIN, RUNS_READ, RUNS_WRITE, SCOPES, SECRETS_WRITE, WORKFLOWS_WRITE
 from tests import factories
@@ -36,6 +37,8 @@ ROUTE_SCOPES: dict[tuple[str, str], str | None] = {
     ("POST", "/api/v1/runs/<run_id>/retry"): RUNS_WRITE,
     ("POST", "/api/v1/runs/<run_id>/restart"): RUNS_WRITE,
     ("POST", "/api/v1/runs/<run_id>/resume"): RUNS_WRITE,
+    ("GET", "/api/v1/runs/<run_id>/events"): RUNS_READ,
+    ("GET", "/api/v1/events"): RUNS_READ,
     ("GET", "/api/v1/keys"): ADMIN,
     ("POST", "/api/v1/keys"): ADMIN,
     ("POST", "/api/v1/keys/<key_id>/rotate"): ADMIN,
@@ -118,9 +121,12 @@ def make_world(services: Any, client: Any) -> World:
 
 
 def call(client: Any, method: str, rule: str, world: World, key: str) -> Any:
-    return client.open(
+    response = client.open(
         world.path(rule), method=method, json=BODIES.get((method, rule)), headers={"x-api-key": key}
     )
+    response.get_data()  # an event stream is read to its (short) end inside its request context
+    response.close()
+    return response
 
 
 def snapshot(client: Any, services: Any, world: World) -> dict[str, Any]:
@@ -143,6 +149,13 @@ def snapshot(client: Any, services: Any, world: World) -> dict[str, Any]:
         "secrets": data("/api/v1/secrets"),
         "cancel_requested": services.is_cancel_requested(world.run_id),
     }
+
+
+@pytest.fixture(autouse=True)
+def short_streams(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The company's event stream stays open until its time limit: a short one here, so a test that
+    reads a whole answer gets the stream's first moments (its own company's events, or none)."""
+    monkeypatch.setattr(api_events, "STREAM_MAX_S", 0.5)
 
 
 @pytest.fixture
