@@ -117,7 +117,7 @@ def failure_line(buckets: list[datetime], bucket: timedelta, rates: list[float |
     return _svg(width, height, body, "Failure rate over time")
 
 
-def duration_bars(durations: list[tuple[str, float, float, int]]) -> Markup:
+def duration_bars(durations: list[tuple[str, float, float, int]], names: dict[str, str]) -> Markup:
     """Per workflow: the median duration as a bar, the 95th percentile as its lighter extension."""
     row_h, left, width = 30, 180, 720
     height = max(len(durations), 1) * row_h + 30
@@ -126,7 +126,8 @@ def duration_bars(durations: list[tuple[str, float, float, int]]) -> Markup:
     body = []
     for i, (workflow_id, p50, p95, count) in enumerate(durations):
         y = 8 + i * row_h
-        name = escape(workflow_id if len(workflow_id) <= 24 else workflow_id[:23] + "…")
+        shown = names.get(workflow_id) or workflow_id
+        name = escape(shown if len(shown) <= 24 else shown[:23] + "…")
         body.append(f'<text class="label" x="{left - 8}" y="{y + 15}" text-anchor="end">{name}</text>')
         w95, w50 = p95 / x_max * plot_w, p50 / x_max * plot_w
         title = escape(f"{workflow_id}: p50 {human_ms(p50)}, p95 {human_ms(p95)} over {count} runs")

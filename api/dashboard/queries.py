@@ -69,14 +69,12 @@ def children(session: Session, company_id: str, run_id: str) -> list[Run]:
     return list(session.execute(query).scalars())
 
 
-def workflow_ids(session: Session, company_id: str) -> list[str]:
+def workflow_names(session: Session, company_id: str) -> dict[str, str]:
+    """Id → name of the company's workflows (deleted ones too: their runs stay listed)."""
     query = (
-        select(Workflow.id)
-        .where(Workflow.company_id == company_id, Workflow.deleted_at.is_(None))
-        .order_by(Workflow.id)
-        .limit(500)
+        select(Workflow.id, Workflow.name).where(Workflow.company_id == company_id).order_by(Workflow.name)
     )
-    return list(session.execute(query).scalars())
+    return {workflow_id: name for workflow_id, name in session.execute(query.limit(1000))}
 
 
 def versions(session: Session, workflow_id: str) -> list[WorkflowVersion]:

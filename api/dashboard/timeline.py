@@ -22,6 +22,16 @@ class Bar:
     label: str
     title: str
 
+    @property
+    def narrow(self) -> bool:
+        """Too thin for its label inside: the label goes beside it."""
+        return self.width < 12
+
+    @property
+    def flip(self) -> bool:
+        """Near the right edge: a label beside the bar goes on its left."""
+        return self.left + self.width > 80
+
 
 @dataclass
 class Row:

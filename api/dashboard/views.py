@@ -201,14 +201,14 @@ def _runs_context() -> dict[str, Any]:
         raise ValidationError("Invalid limit: 1 to 100")
     with context.services().db.session() as db:
         rows, meta = queries.runs_page(db, context.company_id(), filters, cursor, int(limit))
-        workflow_ids = queries.workflow_ids(db, context.company_id())
+        names = queries.workflow_names(db, context.company_id())
     base = {k: v for k, v in request.args.items() if k != "cursor" and v}
     return {
         "runs": rows,
         "meta": meta,
         "args": base,
         "cursor": cursor,
-        "workflow_ids": workflow_ids,
+        "workflow_names": names,
         "statuses": RUN_STATUSES,
         "trigger_types": TRIGGER_TYPES,
         "ranges": list(queries.RANGES),
@@ -238,9 +238,7 @@ def _run_context(run_id: str) -> dict[str, Any]:
         attempts = engine.step_attempts(db, run.id)
         definition = engine.definition_for(db, run.workflow_id, run.workflow_version)
         kids = queries.children(db, company_id, run.id)
-        workflow_live = db.execute(
-            select(Workflow.id).where(Workflow.id == run.workflow_id, Workflow.deleted_at.is_(None))
-        ).scalar_one_or_none()
+        workflow_row = db.get(Workflow, run.workflow_id)
     running = [r for r in rows if r.status == StepStatus.RUNNING]
     logs = [step_view(a) for a in attempts] + [step_view(r) for r in running]
     steps = definition.get("steps", [])
@@ -252,7 +250,8 @@ def _run_context(run_id: str) -> dict[str, Any]:
         "timeline": timeline.build(run, rows, attempts, steps),
         "logs": logs,
         "children": kids,
-        "workflow_live": workflow_live is not None,
+        "workflow_live": workflow_row is not None and workflow_row.deleted_at is None,
+        "workflow_name": workflow_row.name if workflow_row is not None else run.workflow_id,
         "is_final": run.status in RUN_TERMINAL,
     }
 
@@ -322,6 +321,7 @@ def _overview_context() -> dict[str, Any]:
     now = utcnow()
     with context.services().db.session() as db:
         figures = queries.overview(db, context.company_id(), window, now)
+        names = queries.workflow_names(db, context.company_id())
     oldest_age = (now - figures.oldest_queued_at).total_seconds() * 1000 if figures.oldest_queued_at else None
     return {
         "window": window,
@@ -330,7 +330,7 @@ def _overview_context() -> dict[str, Any]:
         "oldest_age_ms": max(oldest_age, 0) if oldest_age is not None else None,
         "status_chart": charts.status_bars(figures.buckets, figures.bucket, figures.per_status),
         "failure_chart": charts.failure_line(figures.buckets, figures.bucket, figures.failure_rates()),
-        "duration_chart": charts.duration_bars(figures.durations),
+        "duration_chart": charts.duration_bars(figures.durations, names),
         "queue_chart": charts.queue_bar(figures.step_states),
         "colors": charts.COLORS,
     }

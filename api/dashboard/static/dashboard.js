@@ -233,6 +233,9 @@
     document.querySelectorAll("#actions [data-when]").forEach(function (el) {
       el.hidden = el.dataset.when.split(" ").indexOf(status) < 0;
     });
+    document.querySelectorAll("#actions .action-row").forEach(function (row) {
+      row.hidden = !row.querySelector("[data-action]:not([hidden])");
+    });
     var panel = document.getElementById("actions");
     if (panel) panel.hidden = !panel.querySelector("[data-when]:not([hidden])");
   }
