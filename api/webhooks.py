@@ -62,6 +62,7 @@ def _log(
             WebhookDelivery(
                 id=row_id or new_id("dlv"),
                 company_id=workflow.company_id,
+                workflow_key=workflow.key,
                 workflow_id=workflow.id,
                 created_at=utcnow(),
                 delivery_id=delivery_id,
@@ -88,7 +89,7 @@ def _targets(services: Services, workflow_id: str) -> list[tuple[Workflow, dict[
     with services.db.session() as session:
         query = select(Workflow).where(Workflow.id == lookup, Workflow.deleted_at.is_(None))
         for workflow in session.execute(query).scalars():
-            definition = engine.definition_for(session, workflow.id, workflow.current_version)
+            definition = engine.definition_for(session, workflow.key, workflow.current_version)
             config = (definition.get("triggers") or {}).get("webhook")
             if config:
                 found.append((workflow, config))
@@ -196,7 +197,7 @@ class DeliverySchema(Schema):
 DeliveryListEnvelope = envelope("DeliveryListEnvelope", DeliverySchema, many=True, meta=True)
 
 
-def deliveries_query(company_id: str, workflow_id: str) -> Any:
+def deliveries_query(company_id: str, workflow_key: str) -> Any:
     return select(WebhookDelivery).where(
-        WebhookDelivery.company_id == company_id, WebhookDelivery.workflow_id == workflow_id
+        WebhookDelivery.company_id == company_id, WebhookDelivery.workflow_key == workflow_key
     )

@@ -150,8 +150,8 @@ class WorkflowDeliveries(MethodView):
     def get(self, args: dict[str, Any], workflow_id: str) -> dict[str, Any]:
         """Webhook delivery log, newest first: what a sender sent, and why it was refused."""
         with context.services().db.session() as session:
-            engine.get_workflow(session, context.company_id(), workflow_id)
-            query = deliveries_query(context.company_id(), workflow_id)
+            workflow = engine.get_workflow(session, context.company_id(), workflow_id)
+            query = deliveries_query(context.company_id(), workflow.key)
             rows = list(
                 session.execute(
                     page(

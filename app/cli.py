@@ -348,9 +348,17 @@ def _apply(
     session: Any, company_id: str, payload: dict[str, Any], workflows: Any, workflow_model: Any
 ) -> str:
     """Create the workflow, or add a version when its definition changed."""
+    from sqlalchemy import select
+
     workflow_id = payload.get("id")
-    existing = session.get(workflow_model, workflow_id) if workflow_id else None
-    if existing is not None and existing.company_id == company_id and existing.deleted_at is None:
+    existing = session.execute(
+        select(workflow_model).where(
+            workflow_model.company_id == company_id,
+            workflow_model.id == workflow_id,
+            workflow_model.deleted_at.is_(None),
+        )
+    ).scalar_one_or_none()
+    if existing is not None:
         current = workflows.current_definition(session, existing)
         candidate = {k: v for k, v in payload.items() if k != "id"}
         from app.definition import validate_definition

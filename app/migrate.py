@@ -21,6 +21,16 @@ def alembic_config(db: Database) -> AlembicConfig:
 
 def upgrade(db: Database, revision: str = "head") -> None:
     cfg = alembic_config(db)
-    with db.engine.begin() as connection:
-        cfg.attributes["connection"] = connection
-        command.upgrade(cfg, revision)
+    with db.engine.connect() as connection:
+        if db.is_sqlite:
+            # SQLite alters a table by copying and dropping it, and dropping a parent table with
+            # foreign keys on would cascade-delete its children. The pragma is ignored inside a
+            # transaction, so it goes to the driver connection before the first statement.
+            connection.connection.dbapi_connection.execute("PRAGMA foreign_keys=OFF")
+        try:
+            with connection.begin():
+                cfg.attributes["connection"] = connection
+                command.upgrade(cfg, revision)
+        finally:
+            if db.is_sqlite:
+                connection.connection.dbapi_connection.execute("PRAGMA foreign_keys=ON")

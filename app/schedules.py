@@ -93,15 +93,15 @@ def sync(
     from models import Schedule
 
     spec = ((definition or {}).get("triggers") or {}).get("schedule")
-    row = session.get(Schedule, workflow.id)
+    row = session.get(Schedule, workflow.key)
     if not spec or workflow.deleted_at is not None:
         if row is not None:
-            session.execute(delete(Schedule).where(Schedule.workflow_id == workflow.id))
+            session.execute(delete(Schedule).where(Schedule.workflow_key == workflow.key))
         return
     now = now or utcnow()
     tz = spec.get("timezone", "UTC")
     if row is None:
-        row = Schedule(workflow_id=workflow.id, company_id=workflow.company_id)
+        row = Schedule(workflow_key=workflow.key, company_id=workflow.company_id)
         session.add(row)
     row.cron, row.timezone, row.input = spec["cron"], tz, spec.get("input") or {}
     row.next_run_at = next_fire(spec["cron"], tz, now)
@@ -115,35 +115,32 @@ def fire_due(services: Any, now: datetime | None = None) -> int:
     """
     from app import engine
     from app.errors import BatonError
-    from models import Schedule
+    from models import Schedule, Workflow
 
     now = now or utcnow()
     fired = 0
     with services.db.session() as session:
-        due = (
-            session.execute(
-                select(Schedule)
-                .where(Schedule.next_run_at <= now)
-                .with_for_update(skip_locked=True)
-                .limit(100)
-            )
-            .scalars()
-            .all()
-        )
-        for row in due:
+        due = session.execute(
+            select(Schedule, Workflow.id)
+            .join(Workflow, Workflow.key == Schedule.workflow_key)
+            .where(Schedule.next_run_at <= now)
+            .with_for_update(skip_locked=True, of=Schedule)
+            .limit(100)
+        ).all()
+        for row, workflow_id in due:
             fire_at = latest_fire(row.cron, row.timezone, now)
             try:
                 _run, created = engine.trigger_run(
                     services,
                     row.company_id,
-                    row.workflow_id,
+                    workflow_id,
                     row.input,
                     "schedule",
                     idempotency_key=f"schedule:{fire_at.isoformat()}",
                 )
                 fired += int(created)
             except BatonError as exc:
-                logger.warning("schedule of %s could not fire: %s", row.workflow_id, exc.message)
+                logger.warning("schedule of %s could not fire: %s", workflow_id, exc.message)
             row.last_fire_at = fire_at
             row.next_run_at = next_fire(row.cron, row.timezone, now)
         session.commit()

@@ -14,7 +14,7 @@ from app.config import Config
 from app.definition import validate_definition
 from app.engine import get_workflow
 from app.errors import Conflict, ValidationError
-from app.ids import WORKFLOW_ID, new_short_id
+from app.ids import WORKFLOW_ID, new_id, new_short_id
 from app.timeutil import utcnow
 from models import Schedule, Workflow, WorkflowVersion
 
@@ -34,7 +34,7 @@ def view(session: Session, workflow: Workflow, definition: dict[str, Any]) -> di
         if "webhook" in triggers:
             shown["triggers"]["webhook"] = webhooks.mask(triggers["webhook"])
         if "schedule" in triggers:
-            row = session.get(Schedule, workflow.id)
+            row = session.get(Schedule, workflow.key)
             shown["next_run_at"] = row.next_run_at if row is not None else None
     return shown
 
@@ -67,7 +67,7 @@ def _keep_redacted_headers(definition: dict[str, Any], previous: dict[str, Any])
 def current_definition(session: Session, workflow: Workflow) -> dict[str, Any]:
     return session.execute(
         select(WorkflowVersion.definition).where(
-            WorkflowVersion.workflow_id == workflow.id, WorkflowVersion.version == workflow.current_version
+            WorkflowVersion.workflow_key == workflow.key, WorkflowVersion.version == workflow.current_version
         )
     ).scalar_one()
 
@@ -76,7 +76,7 @@ SAMPLED_FIRES = 30  # consecutive fire times the minimum interval is checked ove
 
 
 def check_schedule_limits(
-    session: Session, company_id: str, definition: dict[str, Any], config: Config, workflow_id: str | None
+    session: Session, company_id: str, definition: dict[str, Any], config: Config, workflow_key: str | None
 ) -> None:
     """A schedule must not fire more often than schedule_min_interval_s, and a company keeps at most
     max_schedules_per_company of them (this workflow's own schedule aside): a 400 naming the cron."""
@@ -94,8 +94,8 @@ def check_schedule_limits(
         problem = f"fires every {gap.total_seconds():g} s; the minimum interval is {minimum} s"
         raise ValidationError(f"Invalid {field}: {problem}", details={field: [problem]})
     others = select(func.count()).where(Schedule.company_id == company_id)
-    if workflow_id is not None:
-        others = others.where(Schedule.workflow_id != workflow_id)
+    if workflow_key is not None:
+        others = others.where(Schedule.workflow_key != workflow_key)
     if session.execute(others).scalar_one() >= config.max_schedules_per_company:
         problem = f"a company keeps at most {config.max_schedules_per_company} schedules"
         raise ValidationError(f"Invalid {field}: {problem}", details={field: [problem]})
@@ -112,9 +112,10 @@ def create(
         )
     definition = validate_definition(payload)
     if config is not None:
-        check_schedule_limits(session, company_id, definition, config, workflow_id)
+        check_schedule_limits(session, company_id, definition, config, None)
     now = utcnow()
     workflow = Workflow(
+        key=new_id("wfk"),
         id=workflow_id or new_short_id("wf"),
         company_id=company_id,
         name=definition["name"],
@@ -130,7 +131,7 @@ def create(
         raise Conflict(f"Workflow {workflow_id} already exists") from exc
     if config is not None:
         secret_store.store_literal_credentials(session, config, company_id, definition)
-    session.add(WorkflowVersion(workflow_id=workflow.id, version=1, definition=definition, created_at=now))
+    session.add(WorkflowVersion(workflow_key=workflow.key, version=1, definition=definition, created_at=now))
     schedules.sync(session, workflow, definition, now)
     session.commit()
     return workflow, definition
@@ -149,7 +150,7 @@ def replace(
     definition = validate_definition(payload)
     workflow = get_workflow(session, company_id, workflow_id, lock=True)
     if config is not None:
-        check_schedule_limits(session, company_id, definition, config, workflow.id)
+        check_schedule_limits(session, company_id, definition, config, workflow.key)
     previous = current_definition(session, workflow)
     _keep_masked_secrets(definition, previous)
     _keep_redacted_headers(definition, previous)
@@ -161,7 +162,7 @@ def replace(
     workflow.updated_at = now
     session.add(
         WorkflowVersion(
-            workflow_id=workflow.id, version=workflow.current_version, definition=definition, created_at=now
+            workflow_key=workflow.key, version=workflow.current_version, definition=definition, created_at=now
         )
     )
     schedules.sync(session, workflow, definition, now)

@@ -41,12 +41,14 @@ class Run(Base):
         Index("ix_runs_company_created", "company_id", "created_at", "id"),
         Index("ix_runs_company_workflow_created", "company_id", "workflow_id", "created_at", "id"),
         Index("ix_runs_company_status_created", "company_id", "status", "created_at", "id"),
-        UniqueConstraint("company_id", "workflow_id", "idempotency_key"),
+        UniqueConstraint("workflow_key", "idempotency_key"),
     )
 
     id: Mapped[str] = mapped_column(String(48), primary_key=True)
     company_id: Mapped[str] = mapped_column(ForeignKey("companies.id", ondelete="CASCADE"))
-    workflow_id: Mapped[str] = mapped_column(ForeignKey("workflows.id", ondelete="CASCADE"))
+    # The workflow row (its public id may be reused once deleted) and its public id, for the API.
+    workflow_key: Mapped[str] = mapped_column(ForeignKey("workflows.key", ondelete="CASCADE"))
+    workflow_id: Mapped[str] = mapped_column(String(80))
     workflow_version: Mapped[int] = mapped_column(Integer)
     status: Mapped[RunStatus] = mapped_column(StatusType(RunStatus))
     trigger_type: Mapped[str] = mapped_column(String(16))

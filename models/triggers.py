@@ -13,11 +13,12 @@ from models.base import Base, JSONType, UTCDateTime
 
 class WebhookDelivery(Base):
     __tablename__ = "webhook_deliveries"
-    __table_args__ = (Index("ix_webhook_deliveries_workflow_received", "workflow_id", "created_at", "id"),)
+    __table_args__ = (Index("ix_webhook_deliveries_workflow_received", "workflow_key", "created_at", "id"),)
 
     id: Mapped[str] = mapped_column(String(48), primary_key=True)
     company_id: Mapped[str] = mapped_column(ForeignKey("companies.id", ondelete="CASCADE"))
-    workflow_id: Mapped[str] = mapped_column(ForeignKey("workflows.id", ondelete="CASCADE"))
+    workflow_key: Mapped[str] = mapped_column(ForeignKey("workflows.key", ondelete="CASCADE"))
+    workflow_id: Mapped[str] = mapped_column(String(80))
     # "created_at" so the shared keyset cursor pages deliveries like runs.
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     delivery_id: Mapped[str | None] = mapped_column(String(255))
@@ -32,7 +33,9 @@ class Schedule(Base):
     __tablename__ = "schedules"
     __table_args__ = (Index("ix_schedules_next_run_at", "next_run_at"),)
 
-    workflow_id: Mapped[str] = mapped_column(ForeignKey("workflows.id", ondelete="CASCADE"), primary_key=True)
+    workflow_key: Mapped[str] = mapped_column(
+        ForeignKey("workflows.key", ondelete="CASCADE"), primary_key=True
+    )
     company_id: Mapped[str] = mapped_column(ForeignKey("companies.id", ondelete="CASCADE"))
     cron: Mapped[str] = mapped_column(String(200))
     timezone: Mapped[str] = mapped_column(String(64))

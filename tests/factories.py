@@ -77,6 +77,7 @@ def workflow(
     )
     now = created_at or utcnow()
     row = Workflow(
+        key=new_id("wfk"),
         id=workflow_id or new_short_id("wf"),
         company_id=company_id,
         name=definition["name"],
@@ -86,17 +87,29 @@ def workflow(
     )
     session.add(row)
     session.flush()
-    session.add(WorkflowVersion(workflow_id=row.id, version=1, definition=definition, created_at=now))
+    session.add(WorkflowVersion(workflow_key=row.key, version=1, definition=definition, created_at=now))
     schedules.sync(session, row, definition, now)
     session.flush()
     return row
 
 
-def definition_of(session: Session, workflow_id: str, version: int) -> dict[str, Any]:
+def _live(session: Session, workflow_id: str) -> Workflow:
+    """The live workflow of that public id (tests use ids no other company of theirs shares)."""
+    found = (
+        session.execute(select(Workflow).where(Workflow.id == workflow_id, Workflow.deleted_at.is_(None)))
+        .scalars()
+        .all()
+    )
+    if len(found) != 1:
+        raise LookupError(f"{len(found)} live workflows {workflow_id!r}")
+    return found[0]
+
+
+def definition_of(session: Session, workflow: Workflow, version: int) -> dict[str, Any]:
     """The stored (validated, normalised) definition of one version."""
     return session.execute(
         select(WorkflowVersion.definition).where(
-            WorkflowVersion.workflow_id == workflow_id, WorkflowVersion.version == version
+            WorkflowVersion.workflow_key == workflow.key, WorkflowVersion.version == version
         )
     ).scalar_one()
 
@@ -105,7 +118,7 @@ def definition_of(session: Session, workflow_id: str, version: int) -> dict[str,
 
 
 def run_values(
-    company_id: str, workflow_id: str, status: str = "pending", *, workflow_version: int = 1, **fields: Any
+    workflow: Workflow, status: str = "pending", *, workflow_version: int = 1, **fields: Any
 ) -> dict[str, Any]:
     """The columns of one ``runs`` row with consistent defaults, for ``run()`` and for bulk inserts.
 
@@ -123,8 +136,9 @@ def run_values(
         completed = started + timedelta(seconds=1) if status in FINISHED_RUN and started else None
     values: dict[str, Any] = {
         "id": new_id("run"),
-        "company_id": company_id,
-        "workflow_id": workflow_id,
+        "company_id": workflow.company_id,
+        "workflow_key": workflow.key,
+        "workflow_id": workflow.id,
         "workflow_version": workflow_version,
         "status": status,
         "trigger_type": "api",
@@ -206,7 +220,8 @@ def run(
     with_steps: bool = True,
     **fields: Any,
 ) -> Run:
-    """A run of ``workflow`` (the object or its id) in ``status``, and one ``step_runs`` row per step.
+    """A run of ``workflow`` (the object, or the live workflow of that id) in ``status``, and one
+    ``step_runs`` row per step.
 
     ``fields`` override the run's columns (see ``run_values``); ``steps`` override step rows by step
     id, e.g. ``{"a": {"status": "success"}, "b": {"status": "running", "lease_expires_at": past}}``.
@@ -214,12 +229,10 @@ def run(
     deadline its definition's ``timeoutMs`` gives. ``with_steps=False`` writes the run row alone.
     No message is enqueued: nothing executes the run unless the test makes it.
     """
-    owner = workflow if isinstance(workflow, Workflow) else session.get(Workflow, workflow)
-    if owner is None:
-        raise LookupError(f"no workflow {workflow!r}")
+    owner = workflow if isinstance(workflow, Workflow) else _live(session, workflow)
     version = fields.pop("workflow_version", owner.current_version)
-    definition = definition_of(session, owner.id, version)
-    values = run_values(owner.company_id, owner.id, status, workflow_version=version, **fields)
+    definition = definition_of(session, owner, version)
+    values = run_values(owner, status, workflow_version=version, **fields)
     if "deadline_at" not in fields and definition.get("timeoutMs"):
         values["deadline_at"] = values["created_at"] + timedelta(milliseconds=definition["timeoutMs"])
     row = Run(**values)

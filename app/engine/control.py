@@ -88,7 +88,7 @@ def _waiting_approval(session: Session, run: Run) -> StepRun:
 
 def _continue_after(session: Session, run: Run, row: StepRun, now: datetime) -> tuple[str, str, int] | None:
     """After an approval: queue the next step, or complete the run when the approval was last."""
-    definition = definition_for(session, run.workflow_id, run.workflow_version)
+    definition = definition_for(session, run.workflow_key, run.workflow_version)
     position = row.position + 1
     if position < len(definition["steps"]):
         move.reopen_run(session, run)

@@ -45,7 +45,7 @@ def claim_step(services: Services, run_id: str, step_id: str, attempt: int) -> C
             return None
         # Fairness: raises NoFreeSlot when the company executes its cap of steps (one Redis call).
         slot = slots.acquire(services, run.company_id, run.id)
-        definition = definition_for(session, run.workflow_id, run.workflow_version)
+        definition = definition_for(session, run.workflow_key, run.workflow_version)
         rows = step_runs(session, run_id)
         target = next((r for r in rows if r.step_id == step_id), None)
         if target is None or target.attempt != attempt:

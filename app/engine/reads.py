@@ -18,15 +18,15 @@ _definitions: dict[tuple[str, int], dict[str, Any]] = {}
 _definitions_lock = threading.Lock()
 
 
-def definition_for(session: Session, workflow_id: str, version: int) -> dict[str, Any]:
+def definition_for(session: Session, workflow_key: str, version: int) -> dict[str, Any]:
     """Versions are immutable, so each process caches them forever."""
-    key = (workflow_id, version)
+    key = (workflow_key, version)
     cached = _definitions.get(key)
     if cached is not None:
         return cached
     definition = session.execute(
         select(WorkflowVersion.definition).where(
-            WorkflowVersion.workflow_id == workflow_id, WorkflowVersion.version == version
+            WorkflowVersion.workflow_key == workflow_key, WorkflowVersion.version == version
         )
     ).scalar_one()
     with _definitions_lock:
@@ -35,11 +35,14 @@ def definition_for(session: Session, workflow_id: str, version: int) -> dict[str
 
 
 def get_workflow(session: Session, company_id: str, workflow_id: str, *, lock: bool = False) -> Workflow:
+    """The company's live workflow of that id (ids are per company, and reusable once deleted)."""
     if not WORKFLOW_ID.match(workflow_id):
         raise NotFound("Workflow not found")
-    query = select(Workflow).where(Workflow.id == workflow_id)
+    query = select(Workflow).where(
+        Workflow.company_id == company_id, Workflow.id == workflow_id, Workflow.deleted_at.is_(None)
+    )
     workflow = session.execute(query.with_for_update() if lock else query).scalar_one_or_none()
-    if workflow is None or workflow.company_id != company_id or workflow.deleted_at is not None:
+    if workflow is None:
         raise NotFound("Workflow not found")
     return workflow
 

@@ -8,12 +8,12 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from app.engine.reads import definition_for, get_run, get_workflow, step_runs
+from app.engine.reads import definition_for, get_run, step_runs
 from app.engine.states import RUN_RESTARTABLE, RUN_RETRIABLE, reusable
 from app.engine.trigger import create_run, insert_run, request_hash
-from app.errors import InvalidState, InvalidStep
+from app.errors import InvalidState, InvalidStep, NotFound
 from app.services import Services
-from models import Run, StepRun
+from models import Run, StepRun, Workflow
 
 
 @dataclass
@@ -76,7 +76,7 @@ def plan_restart(
             )
         old_steps = {row.step_id: row for row in step_runs(session, original.id)}
         version = _version(session, company_id, original, version_choice)
-        definition = definition_for(session, original.workflow_id, version)
+        definition = definition_for(session, original.workflow_key, version)
     ids = [step["id"] for step in definition["steps"]]
     if mode == "retry":
         failed = [
@@ -103,7 +103,11 @@ def plan_restart(
 
 def _version(session: Session, company_id: str, original: Run, choice: str) -> int:
     if choice == "latest":
-        return get_workflow(session, company_id, original.workflow_id).current_version
+        # The latest version of the run's own workflow row, not of a newer workflow reusing its id.
+        workflow = session.get(Workflow, original.workflow_key)
+        if workflow is None or workflow.company_id != company_id or workflow.deleted_at is not None:
+            raise NotFound("Workflow not found")
+        return workflow.current_version
     return original.workflow_version
 
 
@@ -117,6 +121,7 @@ def start_restart(
         run = insert_run(
             session,
             plan.company_id,
+            original.workflow_key,
             original.workflow_id,
             plan.version,
             plan.definition,
@@ -128,6 +133,4 @@ def start_restart(
         )
         return run, plan.from_step_id
 
-    return create_run(
-        services, plan.company_id, original.workflow_id, idempotency_key, plan.fingerprint, build
-    )
+    return create_run(services, idempotency_key, plan.fingerprint, build, lambda _: original.workflow_key)

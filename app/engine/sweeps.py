@@ -155,7 +155,7 @@ def _locked_steps(session: Session, query: Select) -> Iterator[tuple[Run, StepRu
 
 def _recover_lost_step(session: Session, run: Run, row: StepRun, now: datetime) -> bool:
     """A new attempt when the policy allows one (True: send it), else the step fails."""
-    definition = definition_for(session, run.workflow_id, run.workflow_version)
+    definition = definition_for(session, run.workflow_key, run.workflow_version)
     policy = RetryPolicy.of(definition["steps"][row.position])
     if run.status == R.RUNNING and not policy.exhausted(row.attempt):
         move.log_attempt(session, row, S.ERROR, row.started_at, now, step_input=row.input, error=WORKER_LOST)

@@ -55,27 +55,40 @@ def trigger_run(
 
     def build(session: Session) -> tuple[Run, str]:
         workflow = get_workflow(session, company_id, workflow_id)
-        definition = definition_for(session, workflow.id, workflow.current_version)
+        definition = definition_for(session, workflow.key, workflow.current_version)
         run = insert_run(
-            session, company_id, workflow.id, workflow.current_version, definition, run_input, trigger_type
+            session,
+            company_id,
+            workflow.key,
+            workflow.id,
+            workflow.current_version,
+            definition,
+            run_input,
+            trigger_type,
         )
         return run, definition["steps"][0]["id"]
 
-    return create_run(services, company_id, workflow_id, idempotency_key, fingerprint, build)
+    def scope(session: Session) -> str:
+        return get_workflow(session, company_id, workflow_id).key
+
+    return create_run(services, idempotency_key, fingerprint, build, scope)
 
 
 def create_run(
     services: Services,
-    company_id: str,
-    workflow_id: str,
     idempotency_key: str | None,
     fingerprint: str,
     build: Build,
+    scope: Callable[[Session], str],
 ) -> tuple[Run, bool]:
-    """Shared by trigger, retry and restart: idempotency, one commit, then enqueue the first step."""
+    """Shared by trigger, retry and restart: idempotency, one commit, then enqueue the first step.
+
+    ``scope`` names the workflow row an Idempotency-Key belongs to (asked only when one is given).
+    """
     with services.db.session() as session:
+        workflow_key = scope(session) if idempotency_key else ""
         if idempotency_key:
-            existing = idempotent_run(session, company_id, workflow_id, idempotency_key, fingerprint)
+            existing = idempotent_run(session, workflow_key, idempotency_key, fingerprint)
             if existing is not None:
                 return existing, False
         run, first_step = build(session)
@@ -88,7 +101,7 @@ def create_run(
             session.rollback()
             if not idempotency_key:
                 raise
-            existing = idempotent_run(session, company_id, workflow_id, idempotency_key, fingerprint)
+            existing = idempotent_run(session, workflow_key, idempotency_key, fingerprint)
             if existing is None:
                 raise
             return existing, False
@@ -131,6 +144,7 @@ def _mark_unsent(services: Services, run_id: str, step_id: str, attempt: int) ->
 def insert_run(
     session: Session,
     company_id: str,
+    workflow_key: str,
     workflow_id: str,
     version: int,
     definition: dict[str, Any],
@@ -147,6 +161,7 @@ def insert_run(
     run = Run(
         id=new_id("run"),
         company_id=company_id,
+        workflow_key=workflow_key,
         workflow_id=workflow_id,
         workflow_version=version,
         status=RunStatus.PENDING,
@@ -200,14 +215,10 @@ def _step_row(
     return row
 
 
-def idempotent_run(
-    session: Session, company_id: str, workflow_id: str, key: str, fingerprint: str | None
-) -> Run | None:
+def idempotent_run(session: Session, workflow_key: str, key: str, fingerprint: str | None) -> Run | None:
     """The run an Idempotency-Key already made (24 h), or None; a different request is 409."""
     existing = session.execute(
-        select(Run).where(
-            Run.company_id == company_id, Run.workflow_id == workflow_id, Run.idempotency_key == key
-        )
+        select(Run).where(Run.workflow_key == workflow_key, Run.idempotency_key == key)
     ).scalar_one_or_none()
     if existing is None:
         return None

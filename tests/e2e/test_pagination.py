@@ -14,9 +14,11 @@ from typing import Any
 
 import pytest
 import requests
+from sqlalchemy import select
 
 from app import keys
 from app.timeutil import utcnow
+from models import Workflow
 from tests import factories
 from tests.spec_shapes import LIST_ITEM_KEYS
 
@@ -34,6 +36,7 @@ class Tenant:
     key: str
     company_id: str
     workflows: list[str]
+    rows: dict[str, Workflow]
     runs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -87,14 +90,18 @@ def make_tenant(services: Any, app: Any, workflow_count: int = 2) -> Tenant:
         )
         assert response.status_code == 201, response.get_json()
         workflows.append(response.get_json()["data"]["id"])
-    return Tenant(key=key, company_id=company_id, workflows=workflows)
+    with services.db.session() as session:
+        rows = {
+            w.id: w
+            for w in session.execute(select(Workflow).where(Workflow.company_id == company_id)).scalars()
+        }
+    return Tenant(key=key, company_id=company_id, workflows=workflows, rows=rows)
 
 
 def run_row(tenant: Tenant, created_at: datetime, workflow_id: str, status: str) -> dict[str, Any]:
     # Random (not time-ordered) ids, so ties on createdAt are broken by id alone.
-    return factories.run_values(
-        tenant.company_id, workflow_id, status, id=f"run_{uuid.uuid4()}", created_at=created_at
-    )
+    workflow = tenant.rows[workflow_id]
+    return factories.run_values(workflow, status, id=f"run_{uuid.uuid4()}", created_at=created_at)
 
 
 def insert_rows(services: Any, tenant: Tenant, rows: list[dict[str, Any]]) -> None:

@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import func, select
 
 from app import schedules
-from models import Run, Schedule
+from models import Run, Schedule, Workflow
 
 BERLIN = ZoneInfo("Europe/Berlin")
 
@@ -65,6 +65,12 @@ def test_hourly_jobs_keep_running_through_the_repeated_hour():
     assert fires == [utc(2026, 10, 25, 0), utc(2026, 10, 25, 1), utc(2026, 10, 25, 2), utc(2026, 10, 25, 3)]
 
 
+def _schedule(session, wid):
+    """The schedule row of the (only) workflow of that id."""
+    query = select(Schedule).join(Workflow, Workflow.key == Schedule.workflow_key).where(Workflow.id == wid)
+    return session.execute(query).scalar_one_or_none()
+
+
 def test_after_downtime_only_the_latest_missed_time_fires(services, client, headers, make_workflow):
     wid = make_workflow(
         [{"id": "a", "action": "transform"}],
@@ -73,7 +79,7 @@ def test_after_downtime_only_the_latest_missed_time_fires(services, client, head
     shown = client.get(f"/api/v1/workflows/{wid}", headers=headers).get_json()["data"]
     assert shown["nextRunAt"].endswith(":00.000Z")
     with services.db.session() as session:
-        row = session.get(Schedule, wid)
+        row = _schedule(session, wid)
         row.next_run_at = utc(2026, 1, 1, 0, 0)
         session.commit()
     clock = utc(2026, 1, 1, 3, 7)  # three hours down: 36 missed fire times
@@ -82,7 +88,7 @@ def test_after_downtime_only_the_latest_missed_time_fires(services, client, head
     runs = client.get(f"/api/v1/runs?workflowId={wid}", headers=headers).get_json()["data"]
     assert len(runs) == 1 and runs[0]["triggerType"] == "schedule"
     with services.db.session() as session:
-        row = session.get(Schedule, wid)
+        row = _schedule(session, wid)
         assert row.last_fire_at == utc(2026, 1, 1, 3, 5) and row.next_run_at == utc(2026, 1, 1, 3, 10)
     detail = client.get(f"/api/v1/runs/{runs[0]['id']}", headers=headers).get_json()["data"]
     assert detail["input"] == {"k": 1}
@@ -92,7 +98,7 @@ def test_deleting_a_workflow_drops_its_schedule(services, client, headers, make_
     wid = make_workflow([{"id": "a", "action": "transform"}], triggers={"schedule": {"cron": "* * * * *"}})
     assert client.delete(f"/api/v1/workflows/{wid}", headers=headers).status_code == 200
     with services.db.session() as session:
-        assert session.get(Schedule, wid) is None
+        assert _schedule(session, wid) is None
 
 
 def test_two_scheduler_processes_fire_once_per_second(config, services, make_workflow):

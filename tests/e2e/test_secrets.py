@@ -18,7 +18,7 @@ from standardwebhooks import Webhook
 
 from app import keys
 from app.cli import cli
-from models import Secret, WorkflowVersion
+from models import Secret, Workflow, WorkflowVersion
 from tests.conftest import SCHEMA, new_key
 
 SECRET_REF = "{{ secrets.SLACK_TOKEN }}"
@@ -215,7 +215,9 @@ def test_webhook_secrets_are_stored_encrypted_and_still_verify(client, headers, 
     )
     with services.db.session() as session:
         stored = session.execute(
-            select(WorkflowVersion.definition).where(WorkflowVersion.workflow_id == workflow_id)
+            select(WorkflowVersion.definition)
+            .join(Workflow, Workflow.key == WorkflowVersion.workflow_key)
+            .where(Workflow.id == workflow_id)
         ).scalar_one()
     assert WEBHOOK_SECRET not in json.dumps(stored) and old not in json.dumps(stored)
     assert all(s.startswith("{{ secrets._WEBHOOK_") for s in stored["triggers"]["webhook"]["secrets"])

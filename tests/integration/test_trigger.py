@@ -153,9 +153,9 @@ def test_a_concurrent_request_with_the_same_key_gets_the_run_that_won(e: Engine)
     key = unique()
     fingerprint = request_hash({"input": {"n": 1}, "triggerType": "api"})
     with e.services.db.session() as winner:
-        workflow = winner.get(Workflow, wid)
-        definition = engine.definition_for(winner, wid, workflow.current_version)
-        won = insert_run(winner, e.company_id, wid, 1, definition, {"n": 1}, "api")
+        workflow = winner.execute(select(Workflow).where(Workflow.id == wid)).scalar_one()
+        definition = engine.definition_for(winner, workflow.key, workflow.current_version)
+        won = insert_run(winner, e.company_id, workflow.key, wid, 1, definition, {"n": 1}, "api")
         won.idempotency_key, won.idempotency_hash = key, fingerprint
         winner.flush()  # the key is in the index, not yet committed
         base = blocked_on_locks(e.services)
