@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from api.pagination import meta, page
 from app.timeutil import utcnow
-from models import Run, RunStatus, Schedule, StepRun, StepStatus, WebhookDelivery, Workflow, WorkflowVersion
+from models import Run, RunStatus, StepRun, StepStatus, WebhookDelivery, Workflow, WorkflowVersion
 
 RANGES = {
     "15m": timedelta(minutes=15),
@@ -70,26 +70,37 @@ def children(session: Session, company_id: str, run_id: str) -> list[Run]:
 
 
 def workflow_names(session: Session, company_id: str) -> dict[str, str]:
-    """Id → name of the company's workflows (deleted ones too: their runs stay listed)."""
+    """Public id → name of the company's live workflows."""
     query = (
-        select(Workflow.id, Workflow.name).where(Workflow.company_id == company_id).order_by(Workflow.name)
+        select(Workflow.id, Workflow.name)
+        .where(Workflow.company_id == company_id, Workflow.deleted_at.is_(None))
+        .order_by(Workflow.name)
+        .limit(1000)
     )
-    return {workflow_id: name for workflow_id, name in session.execute(query.limit(1000))}
+    return {workflow_id: name for workflow_id, name in session.execute(query)}
 
 
-def versions(session: Session, workflow_id: str) -> list[WorkflowVersion]:
+def names_by_key(session: Session, workflow_keys: set[str]) -> dict[str, str]:
+    """Workflow row key → name (runs point at the exact row, even a deleted one)."""
+    if not workflow_keys:
+        return {}
+    query = select(Workflow.key, Workflow.name).where(Workflow.key.in_(workflow_keys))
+    return {key: name for key, name in session.execute(query)}
+
+
+def versions(session: Session, workflow: Workflow) -> list[WorkflowVersion]:
     query = (
         select(WorkflowVersion)
-        .where(WorkflowVersion.workflow_id == workflow_id)
+        .where(WorkflowVersion.workflow_key == workflow.key)
         .order_by(WorkflowVersion.version.desc())
     )
     return list(session.execute(query).scalars())
 
 
-def last_runs(session: Session, company_id: str, workflow_id: str, limit: int = 10) -> list[Run]:
+def last_runs(session: Session, workflow: Workflow, limit: int = 10) -> list[Run]:
     query = (
         select(Run)
-        .where(Run.company_id == company_id, Run.workflow_id == workflow_id)
+        .where(Run.company_id == workflow.company_id, Run.workflow_key == workflow.key)
         .order_by(Run.created_at.desc(), Run.id.desc())
         .limit(limit)
     )
@@ -97,19 +108,15 @@ def last_runs(session: Session, company_id: str, workflow_id: str, limit: int = 
 
 
 def deliveries(
-    session: Session, company_id: str, workflow_id: str, cursor: str | None, limit: int = 20
+    session: Session, workflow: Workflow, cursor: str | None, limit: int = 20
 ) -> tuple[list[WebhookDelivery], dict[str, Any]]:
     query = select(WebhookDelivery).where(
-        WebhookDelivery.company_id == company_id, WebhookDelivery.workflow_id == workflow_id
+        WebhookDelivery.company_id == workflow.company_id, WebhookDelivery.workflow_key == workflow.key
     )
     rows = list(
         session.execute(page(query, WebhookDelivery.created_at, WebhookDelivery.id, cursor, limit)).scalars()
     )
     return meta(rows, limit)
-
-
-def schedule(session: Session, workflow_id: str) -> Schedule | None:
-    return session.get(Schedule, workflow_id)
 
 
 @dataclass

@@ -202,6 +202,7 @@ def _runs_context() -> dict[str, Any]:
     with context.services().db.session() as db:
         rows, meta = queries.runs_page(db, context.company_id(), filters, cursor, int(limit))
         names = queries.workflow_names(db, context.company_id())
+        run_names = queries.names_by_key(db, {r.workflow_key for r in rows})
     base = {k: v for k, v in request.args.items() if k != "cursor" and v}
     return {
         "runs": rows,
@@ -209,6 +210,7 @@ def _runs_context() -> dict[str, Any]:
         "args": base,
         "cursor": cursor,
         "workflow_names": names,
+        "run_names": run_names,
         "statuses": RUN_STATUSES,
         "trigger_types": TRIGGER_TYPES,
         "ranges": list(queries.RANGES),
@@ -236,9 +238,9 @@ def _run_context(run_id: str) -> dict[str, Any]:
         run = engine.get_run(db, company_id, run_id)
         rows = engine.step_runs(db, run.id)
         attempts = engine.step_attempts(db, run.id)
-        definition = engine.definition_for(db, run.workflow_id, run.workflow_version)
+        definition = engine.definition_for(db, run.workflow_key, run.workflow_version)
         kids = queries.children(db, company_id, run.id)
-        workflow_row = db.get(Workflow, run.workflow_id)
+        workflow_row = db.get(Workflow, run.workflow_key)
     running = [r for r in rows if r.status == StepStatus.RUNNING]
     logs = [step_view(a) for a in attempts] + [step_view(r) for r in running]
     steps = definition.get("steps", [])
@@ -294,9 +296,9 @@ def workflow(workflow_id: str) -> str:
     with context.services().db.session() as db:
         row = engine.get_workflow(db, company_id, workflow_id)
         item = store.view(db, row, store.current_definition(db, row))
-        versions = queries.versions(db, row.id)
-        deliveries, meta = queries.deliveries(db, company_id, row.id, cursor)
-        recent = queries.last_runs(db, company_id, row.id) if g.principal.allows(RUNS_READ) else []
+        versions = queries.versions(db, row)
+        deliveries, meta = queries.deliveries(db, row, cursor)
+        recent = queries.last_runs(db, row) if g.principal.allows(RUNS_READ) else []
     shown = {k: v for k, v in item.items() if k not in ("created_at", "updated_at", "next_run_at", "version")}
     return render_template(
         "dashboard/workflow.html",
