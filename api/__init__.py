@@ -6,7 +6,7 @@ from flask_smorest import Api
 
 
 def register(api: Api) -> None:
-    from api import health, keys, runs, secrets, webhooks, workflows
+    from api import events, health, keys, runs, secrets, webhooks, workflows
 
     api.register_blueprint(health.blp)
     api.register_blueprint(workflows.blp)
@@ -14,3 +14,4 @@ def register(api: Api) -> None:
     api.register_blueprint(webhooks.blp)
     api.register_blueprint(keys.blp)
     api.register_blueprint(secrets.blp)
+    api.register_blueprint(events.blp)

@@ -46,8 +46,9 @@ def _visible_steps(rows: list[Any]) -> list[dict[str, Any]]:
     return [step_view(r) for r in rows if engine.shown_in_results(r.status, r.attempt)]
 
 
-def run_detail(run: Run, rows: list[Any]) -> dict[str, Any]:
-    return {
+def run_detail(run: Run, rows: list[Any], restarted: list[str] | None = None) -> dict[str, Any]:
+    """A run as ``GET /runs/:id`` shows it; ``restarted``: its children's ids (left out when None)."""
+    detail = {
         "id": run.id,
         "workflow_id": run.workflow_id,
         "status": run.status,
@@ -64,6 +65,9 @@ def run_detail(run: Run, rows: list[Any]) -> dict[str, Any]:
         "restarted_from_run_id": run.restarted_from_run_id,
         "restart_from_step_id": run.restart_from_step_id,
     }
+    if restarted is not None:
+        detail["restarted_run_ids"] = restarted
+    return detail
 
 
 @blp.route("")
@@ -98,7 +102,8 @@ class RunItem(MethodView):
         with context.services().db.session() as session:
             run = engine.get_run(session, context.company_id(), _run_id(run_id))
             rows = engine.step_runs(session, run.id)
-        return ok(run_detail(run, rows))
+            restarted = engine.restarted_run_ids(session, run)
+        return ok(run_detail(run, rows, restarted))
 
 
 @blp.route("/<string:run_id>/logs")

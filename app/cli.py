@@ -1,4 +1,8 @@
-"""The ``baton`` command (a Flask ``FlaskGroup``): processes, database, keys, workflows, runs."""
+"""The ``baton`` command (a Flask ``FlaskGroup``).
+
+Local commands act on this deployment (processes, database, keys); everything an operator does to
+runs, workflows and secrets goes over the HTTP API (``app/cli_remote.py``).
+"""
 
 from __future__ import annotations
 
@@ -7,44 +11,137 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import click
-from flask import current_app
 from flask.cli import FlaskGroup
-from sqlalchemy import select
 
+from app import cli_remote
+from app.client import ClientError
 from app.config import Config
-from app.engine.states import is_terminal
 from app.errors import BatonError
-from models.states import RunStatus
 
 EXAMPLE = Path(__file__).resolve().parent / "examples" / "hello.json"
+EXIT_SIGINT, EXIT_SIGTERM, EXIT_BROKEN_PIPE = 130, 143, 141
 
 
-def _create_app() -> Any:
-    from app.factory import create_app
+class Stopped(Exception):
+    """SIGTERM reached a command (a long watch or listing): stop where it is."""
 
-    return create_app()
+
+def _on_sigterm(_signum: int, _frame: Any) -> None:
+    raise Stopped()
 
 
 class BatonGroup(FlaskGroup):
-    """Turns Baton's errors into one readable line and exit status 1."""
+    """Baton's commands only (no app is built to list them), every error as one line on stderr."""
 
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except BatonError as exc:
-            raise click.ClickException(f"{exc.code}: {exc.message}") from exc
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # Flask's --app, --debug and --env-file select and configure an app none of these commands loads.
+        self.params = [p for p in self.params if p.name not in ("app", "debug", "env_file")]
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        # FlaskGroup would build the app here, connecting to Redis and the database for `--help`.
+        return sorted(self.commands)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return self.commands.get(name)
+
+    def command(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("with_appcontext", False)  # no command needs the Flask app
+        return super().command(*args, **kwargs)
+
+    def group(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("cls", click.Group)
+        return super().group(*args, **kwargs)
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        """Click's main, with every failure printed as one line and its exit status."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        with _sigterm_stops():
+            try:
+                code = super().main(*args, standalone_mode=False, **kwargs)
+            except click.exceptions.NoArgsIsHelpError as exc:
+                exc.show()  # `baton` or `baton runs` alone: the help, as click shows it
+                sys.exit(exc.exit_code)
+            except click.exceptions.UsageError as exc:
+                hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+                _exit_with(f"Error: {exc.format_message()}{hint}", exc.exit_code)
+            except click.ClickException as exc:
+                _exit_with(f"Error: {exc.format_message()}", exc.exit_code)
+            except click.Abort:
+                _exit_with("Aborted.", EXIT_SIGINT)
+            except Stopped:
+                _exit_with("Stopped.", EXIT_SIGTERM)
+            except BrokenPipeError:
+                # The reader went away (`| head`): say nothing, and keep exit-time flushes quiet too.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                sys.exit(EXIT_BROKEN_PIPE)
+            except Exception as exc:  # noqa: BLE001  (any error is one line, never a traceback)
+                _exit_with(one_line(exc), 1)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
-@click.group(
-    cls=BatonGroup, create_app=lambda: _create_app(), add_default_commands=False, add_version_option=False
-)
+@contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    """SIGTERM ends a command like Ctrl-C does (commands that own processes install their own)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_with(message: str, code: int) -> None:
+    click.echo(message, err=True)
+    sys.exit(code)
+
+
+def one_line(exc: BaseException) -> str:
+    """An error as one readable line: the API's code, an infrastructure cause, or its type."""
+    import redis
+    from sqlalchemy import exc as sa
+
+    if isinstance(exc, BatonError):
+        return f"{exc.code}: {exc.message}"
+    if isinstance(exc, ClientError):
+        return f"Error: {exc}"
+    if isinstance(exc, sa.DBAPIError):
+        cause = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__
+        return f"Error: database (DATABASE_URL): {cause}"
+    if isinstance(exc, redis.RedisError):
+        return f"Error: Redis (REDIS_URL): {_first_line(exc)}"
+    if isinstance(exc, ImportError):
+        return f"Error: a module is missing ({_first_line(exc)}); is Baton installed with its dependencies?"
+    return f"Error: {type(exc).__name__}: {_first_line(exc)}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@click.group(cls=BatonGroup, add_default_commands=False, add_version_option=False)
 def cli() -> None:
-    """Baton: execute and monitor multi-step workflow runs."""
+    """Baton: execute and monitor multi-step workflow runs.
+
+    Runs, workflows, deliveries and secrets are reached over the API: BATON_URL (default
+    http://127.0.0.1:8000) and BATON_API_KEY, or the profile `baton login` writes.
+    """
+
+
+for _command in cli_remote.COMMANDS:
+    cli.add_command(_command)
 
 
 def main() -> None:
@@ -53,10 +150,6 @@ def main() -> None:
 
 def _fail(message: str) -> None:
     raise click.ClickException(message)
-
-
-def _services() -> Any:
-    return current_app.extensions["baton"]
 
 
 def _config() -> Config:
@@ -79,6 +172,10 @@ def _exec(args: list[str], env: dict[str, str]) -> None:
     os.execvpe(args[0], args, env)
 
 
+# Threads per API process: each open event stream holds one for up to api.events.STREAM_MAX_S.
+API_THREADS = 16
+
+
 def api_command(config: Config, host: str, port: int, workers: int) -> list[str]:
     return [
         sys.executable,
@@ -89,8 +186,12 @@ def api_command(config: Config, host: str, port: int, workers: int) -> list[str]
         f"{host}:{port}",
         "--workers",
         str(workers),
+        "--worker-class",
+        "gthread",
         "--threads",
-        "4",
+        str(API_THREADS),
+        "--config",
+        "python:app.gunicorn_conf",
         "--graceful-timeout",
         "20",
         "--access-logfile",
@@ -118,7 +219,7 @@ def worker_env(config: Config) -> dict[str, str]:
     return _child_env(config)
 
 
-@cli.command("api", with_appcontext=False)
+@cli.command("api")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--workers", default=2, show_default=True, type=int, help="gunicorn worker processes")
@@ -129,7 +230,7 @@ def api_cmd(host: str, port: int, workers: int) -> None:
     _exec(api_command(config, host, port, workers), _child_env(config))
 
 
-@cli.command("worker", with_appcontext=False)
+@cli.command("worker")
 @click.option("--processes", "-p", default=2, show_default=True, type=click.IntRange(min=1))
 @click.option("--threads", "-t", default=8, show_default=True, type=click.IntRange(min=1))
 def worker_cmd(processes: int, threads: int) -> None:
@@ -141,14 +242,39 @@ def worker_cmd(processes: int, threads: int) -> None:
 
 
 def _prepare_embedded(config: Config) -> None:
-    """Only `baton dev` starts the embedded Redis; other processes need it running already."""
+    """Check what a long-running process needs, in one line each; only `baton dev` starts Redis."""
     if config.embedded_redis:
         from app.embedded import redis_answers
 
         if not redis_answers(config.redis_socket):
             _fail(f"no Redis answers on {config.redis_socket}: set REDIS_URL, or start `baton dev`")
+    else:
+        _wait_for_redis(config)
+    if config.resolved_broker_url().startswith("amqp"):
+        import importlib.util
+
+        if importlib.util.find_spec("pika") is None:
+            _fail("BROKER_URL is amqp://… but the RabbitMQ client (pika) is not installed")
     if config.embedded_database:
         _upgrade(config)
+
+
+def _wait_for_redis(config: Config, timeout_s: float = 5.0) -> None:
+    """REDIS_URL must answer within a few seconds (a server starting alongside gets its chance)."""
+    import redis
+
+    client = redis.Redis.from_url(config.resolved_redis_url(), socket_connect_timeout=1, socket_timeout=2)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.RedisError as exc:
+            if time.monotonic() > deadline:
+                _fail(f"no Redis answers at REDIS_URL ({_first_line(exc)})")
+            time.sleep(0.25)
+        finally:
+            client.close()
 
 
 def _upgrade(config: Config) -> None:
@@ -166,7 +292,7 @@ def scheduler_command() -> list[str]:
     return [sys.executable, "-c", "from workers.scheduler import main; main()"]
 
 
-@cli.command("scheduler", with_appcontext=False)
+@cli.command("scheduler")
 def scheduler_cmd() -> None:
     """Run the scheduler: recovery sweeps and run timeouts (one active instance, others stand by)."""
     config = _config()
@@ -179,7 +305,7 @@ def db_group() -> None:
     """Database schema."""
 
 
-@db_group.command("upgrade", with_appcontext=False)
+@db_group.command("upgrade")
 def db_upgrade() -> None:
     """Apply every migration."""
     config = _config()
@@ -187,10 +313,26 @@ def db_upgrade() -> None:
     click.echo("database is at the latest schema", err=True)
 
 
+@db_group.command("rotate-secrets")
+def db_rotate_secrets() -> None:
+    """Re-encrypt every stored secret with the first key of BATON_SECRETS_KEYS (then the old key
+    can be removed from the list)."""
+    from app import secrets
+
+    config = _config()
+    with _database_session() as session:
+        count, unreadable = secrets.rotate(session, config)
+    click.echo(f"re-encrypted {count} secret(s) with the first key", err=True)
+    if unreadable:
+        _fail(
+            f"{len(unreadable)} secret(s) no configured key decrypts were left as they are: {unreadable[:5]}"
+        )
+
+
 # --------------------------------------------------------------------------- dev
 
 
-@cli.command("dev", with_appcontext=False)
+@cli.command("dev")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--processes", default=2, show_default=True, type=int, help="worker processes")
@@ -371,12 +513,28 @@ def _apply(
     return workflow.id
 
 
-# --------------------------------------------------------------------------- keys and workflows
+# --------------------------------------------------------------------------- keys
+
+
+@contextmanager
+def _database_session() -> Iterator[Any]:
+    """A session on the deployment's database (no Redis, no app: key administration is local)."""
+    from app.db import Database
+
+    config = _config()
+    if config.embedded_database:
+        _upgrade(config)  # the embedded SQLite file may not exist yet
+    db = Database(config, pool_size=1)
+    try:
+        with db.session() as session:
+            yield session
+    finally:
+        db.dispose()
 
 
 @cli.group("keys")
 def keys_group() -> None:
-    """API keys."""
+    """API keys (on the local deployment's database)."""
 
 
 @keys_group.command("create")
@@ -389,7 +547,7 @@ def keys_create(company: str, name: str, scopes: str) -> None:
     """Create an API key and print it, alone, on stdout (it is not shown again)."""
     from app import keys
 
-    with _services().db.session() as session:
+    with _database_session() as session:
         row = keys.get_or_create_company(session, company)
         key = keys.create_key(session, row, name, [s.strip() for s in scopes.split(",") if s.strip()])
         session.commit()
@@ -400,15 +558,21 @@ def keys_create(company: str, name: str, scopes: str) -> None:
 @click.option("--company", required=True, help="company name")
 def keys_list(company: str) -> None:
     """The company's active keys: prefix, name, scopes, created, last used (never the key)."""
+    from sqlalchemy import select
+
     from app import keys
     from app.timeutil import iso
+    from models import Company
 
-    with _services().db.session() as session:
-        rows = keys.list_keys(session, _company_id(session, company))
-    for row in rows:
-        used = iso(row.last_used_at) if row.last_used_at else "never"
-        scopes = ",".join(keys.scope_list(row))
-        click.echo(f"{row.prefix}\t{row.name}\t{scopes}\t{iso(row.created_at)}\t{used}")
+    with _database_session() as session:
+        row = session.execute(select(Company).where(Company.name == company)).scalar_one_or_none()
+        if row is None:
+            _fail(f"no company named {company!r}")
+        rows = keys.list_keys(session, row.id)
+    for key in rows:
+        used = iso(key.last_used_at) if key.last_used_at else "never"
+        scopes = ",".join(keys.scope_list(key))
+        click.echo(f"{key.prefix}\t{key.name}\t{scopes}\t{iso(key.created_at)}\t{used}")
 
 
 @keys_group.command("revoke")
@@ -417,236 +581,7 @@ def keys_revoke(prefix: str) -> None:
     """Revoke the key whose prefix (the part after bk_) is PREFIX."""
     from app import keys
 
-    with _services().db.session() as session:
+    with _database_session() as session:
         if not keys.revoke(session, prefix):
             _fail(f"no key with prefix {prefix!r}")
     click.echo(f"revoked {prefix}", err=True)
-
-
-def _company_id(session: Any, name: str | None) -> str:
-    from models import Company
-
-    if name:
-        company = session.execute(select(Company).where(Company.name == name)).scalar_one_or_none()
-        if company is None:
-            _fail(f"no company named {name!r}")
-        return company.id
-    companies = list(session.execute(select(Company).limit(2)).scalars())
-    if len(companies) != 1:
-        _fail("several companies (or none) exist: pass --company NAME")
-    return companies[0].id
-
-
-company_option = click.option("--company", default=None, help="company name (needed when there are several)")
-
-
-@cli.group("workflows")
-def workflows_group() -> None:
-    """Workflow definitions."""
-
-
-@workflows_group.command("apply")
-@click.argument("file", type=click.File("r"))
-@company_option
-def workflows_apply(file: Any, company: str | None) -> None:
-    """Create or update a workflow from a JSON file; prints its id."""
-    from app import workflows
-    from models import Workflow
-
-    try:
-        payload = json.load(file)
-    except json.JSONDecodeError as exc:
-        _fail(f"{file.name} is not valid JSON: {exc}")
-    if not isinstance(payload, dict):
-        _fail(f"{file.name} must hold a JSON object")
-    with _services().db.session() as session:
-        company_id = _company_id(session, company)
-        try:
-            workflow_id = _apply(session, company_id, payload, workflows, Workflow)
-        except BatonError as exc:
-            details = "; ".join(f"{k}: {v[0]}" for k, v in (exc.details or {}).items()) or exc.message
-            _fail(f"{exc.code}: {details}")
-    click.echo(workflow_id)
-
-
-@cli.group("secrets")
-def secrets_group() -> None:
-    """Encrypted secrets, used in templates as {{ secrets.NAME }}."""
-
-
-@secrets_group.command("set")
-@click.argument("name")
-@company_option
-def secrets_set(name: str, company: str | None) -> None:
-    """Create or replace secret NAME; the value is read from stdin (a hidden prompt on a terminal)."""
-    from app import secrets
-
-    tty = sys.stdin.isatty()
-    value = click.prompt("Value", hide_input=True) if tty else sys.stdin.read().rstrip("\r\n")
-    services = _services()
-    with services.db.session() as session:
-        try:
-            secrets.put(session, services.config, _company_id(session, company), name, value)
-        except BatonError as exc:
-            _fail(f"{exc.code}: {exc.message}")
-    click.echo(f"set {name}", err=True)
-
-
-@secrets_group.command("list")
-@company_option
-def secrets_list(company: str | None) -> None:
-    """The company's secrets: name, created, updated (never the value)."""
-    from app import secrets
-    from app.timeutil import iso
-
-    with _services().db.session() as session:
-        rows = secrets.list_(session, _company_id(session, company))
-    for row in rows:
-        click.echo(f"{row.name}\t{iso(row.created_at)}\t{iso(row.updated_at)}")
-
-
-@secrets_group.command("delete")
-@click.argument("name")
-@company_option
-def secrets_delete(name: str, company: str | None) -> None:
-    """Delete secret NAME."""
-    from app import secrets
-
-    with _services().db.session() as session:
-        try:
-            secrets.delete(session, _company_id(session, company), name)
-        except BatonError as exc:
-            _fail(f"{exc.code}: {exc.message}")
-    click.echo(f"deleted {name}", err=True)
-
-
-# --------------------------------------------------------------------------- runs
-
-
-def _run_json(session: Any, company_id: str, run_id: str) -> dict[str, Any]:
-    from api.runs import run_detail
-    from api.schemas.runs import RunDetailSchema
-    from app import engine
-
-    run = engine.get_run(session, company_id, run_id)
-    return RunDetailSchema().dump(run_detail(run, engine.step_runs(session, run.id)))
-
-
-def _print(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2))
-
-
-@cli.group("runs")
-def runs_group() -> None:
-    """Inspect and control runs."""
-
-
-@runs_group.command("list")
-@company_option
-@click.option("--workflow", "workflow_id", default=None)
-@click.option("--status", default=None)
-@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 100))
-def runs_list(company: str | None, workflow_id: str | None, status: str | None, limit: int) -> None:
-    """List runs, newest first."""
-    from api.schemas.runs import RunSummarySchema
-    from models import RUN_STATUSES, Run
-
-    if status is not None and status not in RUN_STATUSES:
-        _fail(f"unknown status {status!r}; use one of {', '.join(RUN_STATUSES)}")
-    with _services().db.session() as session:
-        query = select(Run).where(Run.company_id == _company_id(session, company))
-        if workflow_id:
-            query = query.where(Run.workflow_id == workflow_id)
-        if status:
-            query = query.where(Run.status == status)
-        rows = session.execute(query.order_by(Run.created_at.desc(), Run.id.desc()).limit(limit)).scalars()
-        _print(RunSummarySchema(many=True).dump(list(rows)))
-
-
-@runs_group.command("get")
-@click.argument("run_id")
-@company_option
-def runs_get(run_id: str, company: str | None) -> None:
-    """Show a run with its step results."""
-    with _services().db.session() as session:
-        _print(_run_json(session, _company_id(session, company), run_id))
-
-
-@runs_group.command("logs")
-@click.argument("run_id")
-@company_option
-def runs_logs(run_id: str, company: str | None) -> None:
-    """Show one log entry per attempt."""
-    from api.schemas.runs import StepResultSchema, step_view
-    from app import engine
-
-    with _services().db.session() as session:
-        run = engine.get_run(session, _company_id(session, company), run_id)
-        _print(
-            StepResultSchema(many=True).dump([step_view(a) for a in engine.step_attempts(session, run.id)])
-        )
-
-
-@runs_group.command("cancel")
-@click.argument("run_id")
-@company_option
-def runs_cancel(run_id: str, company: str | None) -> None:
-    """Cancel a pending or running run."""
-    from app import engine
-
-    services = _services()
-    with services.db.session() as session:
-        company_id = _company_id(session, company)
-    run = engine.cancel_run(services, company_id, run_id)
-    _print({"id": run.id, "status": run.status, "message": "Run cancellation requested"})
-
-
-@runs_group.command("trigger")
-@click.argument("workflow_id")
-@company_option
-@click.option("--input", "input_json", default=None, help="the run input as a JSON object")
-@click.option("--input-file", type=click.File("r"), default=None, help="a file holding the input JSON")
-def runs_trigger(workflow_id: str, company: str | None, input_json: str | None, input_file: Any) -> None:
-    """Start a run by hand (trigger type manual); prints the run."""
-    from app import engine
-
-    if input_json is not None and input_file is not None:
-        _fail("pass --input or --input-file, not both")
-    source = input_file.read() if input_file is not None else (input_json or "{}")
-    try:
-        run_input = json.loads(source)
-    except json.JSONDecodeError as exc:
-        _fail(f"input is not valid JSON: {exc}")
-    if not isinstance(run_input, dict):
-        _fail("input must be a JSON object")
-    services = _services()
-    with services.db.session() as session:
-        company_id = _company_id(session, company)
-    run, _created = engine.trigger_run(services, company_id, workflow_id, run_input, "manual")
-    with services.db.session() as session:
-        _print(_run_json(session, company_id, run.id))
-
-
-@runs_group.command("watch")
-@click.argument("run_id")
-@company_option
-@click.option("--interval", default=0.5, show_default=True, type=float)
-def runs_watch(run_id: str, company: str | None, interval: float) -> None:
-    """Follow a run step by step until it ends; exits non-zero unless it completed."""
-    services = _services()
-    seen: dict[str, tuple[str, int]] = {}
-    while True:
-        with services.db.session() as session:
-            data = _run_json(session, _company_id(session, company), run_id)
-        for step in data["stepResults"]:
-            state = (step["status"], step["attempt"])
-            if seen.get(step["stepId"]) != state:
-                seen[step["stepId"]] = state
-                took = f" {step['durationMs']} ms" if step.get("durationMs") is not None else ""
-                click.echo(f"{step['stepId']}: {step['status']} (attempt {step['attempt']}){took}")
-        if is_terminal(data["status"]):
-            click.echo(
-                f"run {data['status']}" + (f": {data['error']['message']}" if data.get("error") else "")
-            )
-            sys.exit(0 if data["status"] == RunStatus.COMPLETED else 1)
-        time.sleep(interval)

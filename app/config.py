@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -19,6 +20,22 @@ def _networks(value: str) -> tuple[str, ...]:
         except ValueError as exc:
             raise ValueError(f"BATON_HTTP_ALLOW_NETWORKS: {item!r} is not a CIDR ({exc})") from None
     return tuple(networks)
+
+
+def _step_cap(value: str) -> int:
+    """``auto`` (or unset) is -1; otherwise a number of steps, 0 for no cap."""
+    value = value.strip().lower()
+    if value in ("", "auto"):
+        return -1
+    if not value.isdigit():
+        raise ValueError(f"BATON_COMPANY_MAX_CONCURRENT_STEPS: {value!r} is not a number or 'auto'")
+    return int(value)
+
+
+def _cli_config_dir(env: Mapping[str, str]) -> Path:
+    """Where `baton login` keeps its profile: the XDG config directory, else ~/.config."""
+    base = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME") or Path.home()) / ".config")
+    return Path(base) / "baton"
 
 
 @dataclass(frozen=True)
@@ -48,17 +65,21 @@ class Config:
     # the shortest cron interval and the schedules one company may keep.
     rate_limit: str = "3000/minute"
     webhook_rate_limit: str = "600/minute"
-    # Off by default: a message over the cap is re-queued after a database claim attempt, which
-    # cost a single-tenant backlog 60 % of its throughput (measured); multi-tenant deployments set it.
-    company_max_concurrent_steps: int = 0
+    # -1 ("auto", the default): three quarters of the live worker threads; 0: no cap (app/slots.py).
+    company_max_concurrent_steps: int = -1
     schedule_min_interval_s: int = 60
     max_schedules_per_company: int = 100
     # Fernet keys for the secrets store: the first encrypts, all decrypt (rotation). Empty means a
     # development key derived from secret_key; production must set BATON_SECRETS_KEYS.
     secrets_keys: tuple[str, ...] = ()
+    # The CLI's client side: the API it talks to and the key it sends. Unset (None) falls back to
+    # the profile `baton login` wrote under cli_config_dir, then to the local API.
+    api_url: str | None = None
+    api_key: str | None = None
+    cli_config_dir: Path = field(default_factory=lambda: Path.home() / ".config" / "baton")
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> Config:
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
         env = os.environ if environ is None else environ
         modules = tuple(m.strip() for m in env.get("BATON_ACTION_MODULES", "").split(",") if m.strip())
         return cls(
@@ -74,11 +95,14 @@ class Config:
             http_max_response_bytes=int(env.get("BATON_HTTP_MAX_RESPONSE_BYTES") or 1024 * 1024),
             rate_limit=env.get("BATON_RATE_LIMIT") or "3000/minute",
             webhook_rate_limit=env.get("BATON_WEBHOOK_RATE_LIMIT") or "600/minute",
-            company_max_concurrent_steps=int(env.get("BATON_COMPANY_MAX_CONCURRENT_STEPS") or 0),
+            company_max_concurrent_steps=_step_cap(env.get("BATON_COMPANY_MAX_CONCURRENT_STEPS", "")),
             schedule_min_interval_s=int(env.get("BATON_SCHEDULE_MIN_INTERVAL_S") or 60),
             max_schedules_per_company=int(env.get("BATON_MAX_SCHEDULES_PER_COMPANY") or 100),
             secrets_keys=tuple(k.strip() for k in env.get("BATON_SECRETS_KEYS", "").split(",") if k.strip()),
             json_max_depth=int(env.get("BATON_JSON_MAX_DEPTH") or 64),
+            api_url=env.get("BATON_URL") or None,
+            api_key=env.get("BATON_API_KEY") or None,
+            cli_config_dir=_cli_config_dir(env),
         )
 
     def with_overrides(self, **changes: object) -> Config:
@@ -114,6 +138,10 @@ class Config:
         if self.redis_url:
             return self.redis_url
         return f"unix://{self.redis_socket}"
+
+    @property
+    def cli_profile_path(self) -> Path:
+        return self.cli_config_dir / "profile.json"
 
     def resolved_broker_url(self) -> str:
         return self.broker_url or self.resolved_redis_url()

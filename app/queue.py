@@ -55,16 +55,24 @@ def make_broker(config: Config) -> Broker:
 
 
 class StepQueue:
-    """Sends ``execute_step(run_id, step_id, attempt)`` messages by actor name."""
+    """Sends ``execute_step(run_id, step_id, attempt, company_id)`` messages by actor name (the
+    company lets a worker apply the per-company step cap before any database work)."""
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
 
-    def enqueue(self, run_id: str, step_id: str, attempt: int, delay_ms: int | None = None) -> None:
+    def enqueue(
+        self,
+        run_id: str,
+        step_id: str,
+        attempt: int,
+        delay_ms: int | None = None,
+        company_id: str | None = None,
+    ) -> None:
         message = Message(
             queue_name=STEPS_QUEUE,
             actor_name=EXECUTE_STEP,
-            args=(run_id, step_id, attempt),
+            args=(run_id, step_id, attempt, company_id),
             kwargs={},
             options={},
         )

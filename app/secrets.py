@@ -60,6 +60,29 @@ def decrypt(config: Config, token: str) -> str:
     return cipher(config).decrypt(token.encode()).decode()
 
 
+def rotate(session: Session, config: Config, batch: int = 500) -> tuple[int, list[str]]:
+    """Re-encrypt every stored secret with the first configured key (after a new key was put first),
+    so the old key can then be dropped. Returns how many were rewritten, and the ids of those no
+    configured key decrypts (left as they are)."""
+    fernet, done, unreadable, after = cipher(config), 0, [], ""
+    while True:
+        rows = list(
+            session.execute(
+                select(Secret).where(Secret.id > after).order_by(Secret.id).limit(batch)
+            ).scalars()
+        )
+        for row in rows:
+            try:
+                row.ciphertext = fernet.rotate(row.ciphertext.encode()).decode()
+                done += 1
+            except InvalidToken:
+                unreadable.append(row.id)
+        session.commit()
+        if len(rows) < batch:
+            return done, unreadable
+        after = rows[-1].id
+
+
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not NAME.match(name):
         raise ValidationError(

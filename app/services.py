@@ -27,6 +27,13 @@ class Services:
     namespace: str = "baton"
     config: Config = field(default_factory=Config)
 
+    def __post_init__(self) -> None:
+        # Every process that builds its services publishes the run events its commits make (imported
+        # here: the events module reads the engine's state table, and the engine imports this module).
+        from app import events
+
+        events.attach(self.db, self.redis, self.namespace)
+
     def key(self, *parts: str) -> str:
         """A Redis key in this deployment's namespace."""
         return ":".join((self.namespace, *parts))

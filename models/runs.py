@@ -42,6 +42,8 @@ class Run(Base):
         Index("ix_runs_company_workflow_created", "company_id", "workflow_id", "created_at", "id"),
         Index("ix_runs_company_status_created", "company_id", "status", "created_at", "id"),
         UniqueConstraint("workflow_key", "idempotency_key"),
+        # A run's restart lineage: the runs retried or restarted from it (GET /runs/:id).
+        Index("ix_runs_restarted_from", "restarted_from_run_id"),
     )
 
     id: Mapped[str] = mapped_column(String(48), primary_key=True)

@@ -190,22 +190,43 @@ def execute_step(
     run_id: str,
     step_id: str,
     attempt: int,
+    company_id: str | None = None,
 ) -> None:
-    """Handle one ``execute_step`` message: claim, execute, record, and chain inline."""
+    """Handle one ``execute_step`` message: take the company's step slot (or park the message),
+    claim, execute, record and chain inline; then hand the slot to the company's next parked
+    message, if any, and run that one too."""
+    message = slots.Message(run_id, step_id, attempt, company_id) if company_id else None
+    if message is not None and not slots.enter(services, message):
+        return  # parked: the thread that frees one of the company's slots runs it
+    while True:
+        try:
+            execute_message(services, leases, time_limit, run_id, step_id, attempt)
+        except BaseException:
+            if message is not None:  # an outage before the claim: Dramatiq retries the message
+                slots.release(services, message.company_id, run_id)
+            raise
+        if message is None:
+            return
+        message = slots.leave(services, message.company_id, run_id)
+        if message is None:
+            return
+        run_id, step_id, attempt = message.run_id, message.step_id, message.attempt
+
+
+def execute_message(
+    services: Services,
+    leases: LeaseHeartbeat,
+    time_limit: StepTimeLimit,
+    run_id: str,
+    step_id: str,
+    attempt: int,
+) -> None:
+    """Claim the message's step and run its chain (nothing if the message is stale or cancelled)."""
     if cancel_seen(services, run_id):
         return
-    try:
-        claim = engine.claim_step(services, run_id, step_id, attempt)  # an outage: the message is retried
-    except slots.NoFreeSlot:
-        # The company executes its cap of steps: back to the broker, behind other companies' messages.
-        services.queue.enqueue(run_id, step_id, attempt, slots.retry_delay_ms())
-        return
-    if claim is None:
-        return
-    try:
+    claim = engine.claim_step(services, run_id, step_id, attempt)  # an outage: the message is retried
+    if claim is not None:
         run_chain(services, leases, time_limit, claim)
-    finally:
-        slots.release(services, claim.company_id, run_id)  # the chain's slot, after its last record
 
 
 def run_chain(

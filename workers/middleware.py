@@ -81,6 +81,8 @@ class LeaseHeartbeat:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        # This process's entry in the worker-capacity set (the "auto" step cap counts it).
+        self.capacity_entry: str | None = None
 
     def hold(self, claim: Claim) -> None:
         with self._lock:
@@ -98,6 +100,8 @@ class LeaseHeartbeat:
         """Renew now; a database outage is logged and tried again at the next beat."""
         try:
             held = self.held()
+            if self.capacity_entry is not None:
+                slots.register(self.services, self.capacity_entry)
             slots.renew(self.services, {(c.company_id, c.run_id) for c, _ in held})
             return engine.renew_leases(self.services, held)
         except Exception:
@@ -133,7 +137,12 @@ class ProcessServices(Middleware):
         ProcessServices.current = self
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        slots.set_process_threads(worker.worker_threads)
+        self.leases.capacity_entry = slots.worker_entry(worker.worker_threads)
+        slots.register(self.services, self.leases.capacity_entry)
         self.leases.start()
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         self.leases.stop()
+        if self.leases.capacity_entry is not None:
+            slots.unregister(self.services, self.leases.capacity_entry)

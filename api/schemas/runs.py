@@ -59,6 +59,11 @@ class RunDetailSchema(Schema):
     workflowVersion = fields.Integer(attribute="workflow_version")
     restartedFromRunId = fields.String(attribute="restarted_from_run_id", allow_none=True)
     restartFromStepId = fields.String(attribute="restart_from_step_id", allow_none=True)
+    restartedRunIds = fields.List(
+        fields.String(),
+        attribute="restarted_run_ids",
+        metadata={"description": "Runs retried or restarted from this one, newest first"},
+    )
 
 
 class RunLogsSchema(Schema):

@@ -9,7 +9,14 @@ the workers and the scheduler.
 
 from app.engine.control import cancel_run, resume_run
 from app.engine.execution import claim_step, record_result, release_claim, renew_leases
-from app.engine.reads import definition_for, get_run, get_workflow, step_attempts, step_runs
+from app.engine.reads import (
+    definition_for,
+    get_run,
+    get_workflow,
+    restarted_run_ids,
+    step_attempts,
+    step_runs,
+)
 from app.engine.restart import RestartPlan, deep_merge, plan_restart, start_restart
 from app.engine.retry import RetryPolicy
 from app.engine.states import IllegalTransition, is_terminal, shown_in_results
@@ -37,6 +44,7 @@ __all__ = [
     "release_claim",
     "renew_leases",
     "request_hash",
+    "restarted_run_ids",
     "resume_run",
     "shown_in_results",
     "start_restart",

@@ -65,7 +65,7 @@ def resume_run(services: Services, company_id: str, run_id: str, approved: bool,
         enqueue = _continue_after(session, run, row, now)
         session.commit()
     if enqueue:
-        send_or_leave_to_sweep(services, *enqueue)
+        send_or_leave_to_sweep(services, *enqueue, company_id=run.company_id)
     return run
 
 

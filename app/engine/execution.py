@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from app import slots, templating
+from app import templating
 from app.engine import statements as sql
 from app.engine import transitions as move
 from app.engine.reads import definition_for, lock_run, results_of, step_runs
@@ -43,16 +43,14 @@ def claim_step(services: Services, run_id: str, step_id: str, attempt: int) -> C
             session.commit()
             services.request_cancel(run.id)
             return None
-        # Fairness: raises NoFreeSlot when the company executes its cap of steps (one Redis call).
-        slot = slots.acquire(services, run.company_id, run.id)
         definition = definition_for(session, run.workflow_key, run.workflow_version)
         rows = step_runs(session, run_id)
         target = next((r for r in rows if r.step_id == step_id), None)
         if target is None or target.attempt != attempt:
-            return slots.give_back(services, slot)
+            return None
         due = target.status == S.WAITING and target.queued_at is not None and target.queued_at <= now
         if target.status != S.QUEUED and not due:
-            return slots.give_back(services, slot)
+            return None
         started = target.started_at if due else now
         values: dict[str, Any] = {
             "lease_expires_at": lease_until(now, definition["steps"][target.position], now)
@@ -61,7 +59,7 @@ def claim_step(services: Services, run_id: str, step_id: str, attempt: int) -> C
             values.update(started_at=now, completed_at=None, duration_ms=None)
         if not move.claim_step(session, target, values):
             session.rollback()
-            return slots.give_back(services, slot)
+            return None
         if run.status == R.PENDING:
             move.start_run(session, run, now)
         session.commit()
@@ -130,7 +128,7 @@ def record_result(services: Services, claim: Claim, outcome: Outcome) -> Next:
             return Next()
         session.commit()
     if nxt.enqueue is not None:
-        send_or_leave_to_sweep(services, *nxt.enqueue)
+        send_or_leave_to_sweep(services, *nxt.enqueue, company_id=claim.company_id)
     return nxt
 
 

@@ -68,6 +68,17 @@ def lock_company_run(session: Session, company_id: str, run_id: str) -> Run:
     return run
 
 
+def restarted_run_ids(session: Session, run: Run) -> list[str]:
+    """The runs retried or restarted from ``run``, newest first (its restart lineage's children)."""
+    return list(
+        session.execute(
+            select(Run.id)
+            .where(Run.restarted_from_run_id == run.id, Run.company_id == run.company_id)
+            .order_by(Run.created_at.desc(), Run.id.desc())
+        ).scalars()
+    )
+
+
 def step_runs(session: Session, run_id: str) -> list[StepRun]:
     return list(
         session.execute(select(StepRun).where(StepRun.run_id == run_id).order_by(StepRun.position)).scalars()

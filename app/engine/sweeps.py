@@ -94,15 +94,22 @@ def sweep_lost_messages(
     count, after = 0, 0
     while True:
         lost = session.execute(
-            select(StepRun.id, StepRun.run_id, StepRun.step_id, StepRun.attempt, StepRun.queued_at)
+            select(
+                StepRun.id,
+                StepRun.run_id,
+                StepRun.step_id,
+                StepRun.attempt,
+                StepRun.queued_at,
+                Run.company_id,
+            )
             .join(Run, Run.id == StepRun.run_id)
             .where(*where, StepRun.id > after)
             .order_by(StepRun.id)
             .limit(BATCH)
         ).all()
-        for row_id, run_id, step_id, attempt, due in lost:
+        for row_id, run_id, step_id, attempt, due, company_id in lost:
             delay = max(0, int((due - now).total_seconds() * 1000)) if due else 0
-            services.queue.enqueue(run_id, step_id, attempt, delay)
+            services.queue.enqueue(run_id, step_id, attempt, delay, company_id)
             if delay == 0:
                 session.execute(sql.update_steps().where(StepRun.id == row_id).values(queued_at=now))
         session.commit()
@@ -139,7 +146,7 @@ def sweep_dead_workers(services: Services, session: Session, now: datetime) -> i
         enqueue = _recover_lost_step(session, run, row, now)
         session.commit()
         if enqueue:
-            services.queue.enqueue(row.run_id, row.step_id, row.attempt)
+            services.queue.enqueue(row.run_id, row.step_id, row.attempt, company_id=run.company_id)
         count += 1
     return count
 

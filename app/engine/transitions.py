@@ -4,6 +4,8 @@ Each is a compare-and-set from the legal sources in ``states`` (``UPDATE … WHE
 and returns whether it applied; a caller that asks for a move the table does not allow gets
 ``IllegalTransition``. Callers hold the run row's lock where they need a consistent run status
 (cancel, finish, park); chaining to the next step needs none (see ``statements.CLAIM_NEXT``).
+Each move that applied notes its run event on the session (``app.events``): published after the
+commit, from what the move wrote (no extra statement), and dropped if the transaction rolls back.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
+from app import events
 from app.engine import statements as sql
 from app.engine.states import check_run_move, check_step_move, run_sources, step_sources
 from app.engine.types import Claim
@@ -34,6 +37,7 @@ def move_run(session: Session, run: Run, to: RunStatus, **values: Any) -> bool:
         return False
     for name, value in {"status": to, **values}.items():
         set_committed_value(run, name, value)
+    events.note_run(session, run)
     return True
 
 
@@ -82,13 +86,19 @@ def end_run(session: Session, run: Run, to: RunStatus, now: datetime, *, error: 
 def claim_step(session: Session, row: StepRun, values: dict[str, Any]) -> bool:
     """A queued step (or a due waiting one) → running, for the attempt the message names."""
     check_step_move(row.status, S.RUNNING)
-    return _move_step_row(session, row, S.RUNNING, values)
+    if not _move_step_row(session, row, S.RUNNING, values):
+        return False
+    events.note_step(session, None, events.row_data(row, S.RUNNING, values))
+    return True
 
 
 def claim_next(session: Session, claim: Claim, position: int, now: datetime, lease: datetime) -> bool:
     """The step after ``claim`` (pending) → running, only while the run is still running."""
     params = {"b_run": claim.run_id, "b_step": claim.definition["steps"][position]["id"]}
-    return session.execute(sql.CLAIM_NEXT, {**params, "now": now, "lease": lease}).rowcount == 1
+    if session.execute(sql.CLAIM_NEXT, {**params, "now": now, "lease": lease}).rowcount != 1:
+        return False
+    events.note_step(session, claim, events.step_data(claim.run_id, params["b_step"], S.RUNNING, 1, now))
+    return True
 
 
 def record(session: Session, claim: Claim, to: StepStatus, **values: Any) -> bool:
@@ -96,25 +106,45 @@ def record(session: Session, claim: Claim, to: StepStatus, **values: Any) -> boo
     check_step_move(S.RUNNING, to)
     params = {"b_run": claim.run_id, "b_step": claim.step_id, "b_attempt": claim.attempt}
     defaults = {"input": None, "output": None, "error": None, "completed_at": None, "duration_ms": None}
-    return session.execute(sql.RECORD, {**params, **defaults, **values, "status": to}).rowcount == 1
+    values = {**defaults, **values}
+    if session.execute(sql.RECORD, {**params, **values, "status": to}).rowcount != 1:
+        return False
+    _note_claimed(session, claim, to, values)
+    return True
 
 
 def update_claimed(session: Session, claim: Claim, to: StepStatus, **values: Any) -> bool:
     """The claimed attempt (running) → ``to`` with arbitrary columns (parking, releasing)."""
     check_step_move(S.RUNNING, to)
-    return (
-        session.execute(
-            sql.update_steps()
-            .where(
-                StepRun.run_id == claim.run_id,
-                StepRun.step_id == claim.step_id,
-                StepRun.status == S.RUNNING,
-                StepRun.attempt == claim.attempt,
-            )
-            .values(status=to, **values)
-        ).rowcount
-        == 1
+    moved = session.execute(
+        sql.update_steps()
+        .where(
+            StepRun.run_id == claim.run_id,
+            StepRun.step_id == claim.step_id,
+            StepRun.status == S.RUNNING,
+            StepRun.attempt == claim.attempt,
+        )
+        .values(status=to, **values)
     )
+    if moved.rowcount != 1:
+        return False
+    _note_claimed(session, claim, to, values)
+    return True
+
+
+def _note_claimed(session: Session, claim: Claim, to: StepStatus, values: dict[str, Any]) -> None:
+    """The claimed attempt's event, from the columns just written (no read)."""
+    data = events.step_data(
+        claim.run_id,
+        claim.step_id,
+        to,
+        claim.attempt,
+        values.get("started_at", claim.started_at),
+        values.get("completed_at"),
+        values.get("duration_ms"),
+        values.get("error"),
+    )
+    events.note_step(session, claim, data)
 
 
 def move_step(session: Session, row: StepRun, to: StepStatus, **values: Any) -> bool:
@@ -124,6 +154,7 @@ def move_step(session: Session, row: StepRun, to: StepStatus, **values: Any) -> 
         return False
     for name, value in {"status": to, **values}.items():
         set_committed_value(row, name, value)
+    events.note_step(session, None, events.row_data(row))
     return True
 
 
@@ -135,33 +166,48 @@ def _move_step_row(session: Session, row: StepRun, to: StepStatus, values: dict[
 
 def queue_pending(session: Session, run_id: str, step_id: str, now: datetime) -> bool:
     """A pending step → queued as attempt 1 (the step before it was approved)."""
-    return (
-        session.execute(
-            sql.update_steps()
-            .where(StepRun.run_id == run_id, StepRun.step_id == step_id, StepRun.status == S.PENDING)
-            .values(status=S.QUEUED, attempt=1, queued_at=now)
-        ).rowcount
-        == 1
+    queued = session.execute(
+        sql.update_steps()
+        .where(StepRun.run_id == run_id, StepRun.step_id == step_id, StepRun.status == S.PENDING)
+        .values(status=S.QUEUED, attempt=1, queued_at=now)
     )
+    if queued.rowcount != 1:
+        return False
+    events.note_step(session, None, events.step_data(run_id, step_id, S.QUEUED, 1))
+    return True
 
 
 def skip_after(session: Session, run_id: str, position: int, now: datetime) -> None:
     """Steps after ``position`` that never started will not run."""
-    session.execute(
+    skipped = session.execute(
         sql.update_steps()
         .where(StepRun.run_id == run_id, StepRun.position > position, StepRun.status == S.PENDING)
         .values(status=S.SKIPPED, completed_at=now)
+        .returning(*_SKIPPED_COLUMNS)
     )
+    _note_skipped(session, run_id, skipped, now)
 
 
 def skip_unreached(session: Session, run_id: str, now: datetime) -> None:
     """On cancel or timeout: every step not started is skipped (a running one records its result)."""
     sources = [s for s in step_sources(S.SKIPPED) if s != S.RUNNING]
-    session.execute(
+    skipped = session.execute(
         sql.update_steps()
         .where(StepRun.run_id == run_id, StepRun.status.in_(sources))
         .values(status=S.SKIPPED, completed_at=now)
+        .returning(*_SKIPPED_COLUMNS)
     )
+    _note_skipped(session, run_id, skipped, now)
+
+
+# What a bulk skip returns (in the same statement) for the events of the steps it skipped.
+_SKIPPED_COLUMNS = (StepRun.position, StepRun.step_id, StepRun.attempt, StepRun.started_at, StepRun.error)
+
+
+def _note_skipped(session: Session, run_id: str, rows: Any, now: datetime) -> None:
+    for _position, step_id, attempt, started, error in sorted(rows):
+        data = events.step_data(run_id, step_id, S.SKIPPED, attempt, started, now, None, error)
+        events.note_step(session, None, data)
 
 
 def log_attempt(

@@ -14,6 +14,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app import events
 from app.engine import statements as sql
 from app.engine.reads import definition_for, get_workflow
 from app.engine.states import STUCK_AFTER
@@ -105,17 +106,17 @@ def create_run(
             if existing is None:
                 raise
             return existing, False
-    if not send_or_leave_to_sweep(services, run.id, first_step, 1):
+    if not send_or_leave_to_sweep(services, run.id, first_step, 1, company_id=run.company_id):
         _mark_unsent(services, run.id, first_step, 1)
     return run, True
 
 
 def send_or_leave_to_sweep(
-    services: Services, run_id: str, step_id: str, attempt: int, delay_ms: int = 0
+    services: Services, run_id: str, step_id: str, attempt: int, delay_ms: int = 0, *, company_id: str
 ) -> bool:
     """The step is committed (queued or waiting); if the broker is down, the sweep sends it later."""
     try:
-        services.queue.enqueue(run_id, step_id, attempt, delay_ms)
+        services.queue.enqueue(run_id, step_id, attempt, delay_ms, company_id)
         return True
     except Exception:  # any broker failure: the row is the source of truth
         logger.warning("could not enqueue %s/%s; the sweep will send it", run_id, step_id, exc_info=True)
@@ -178,6 +179,7 @@ def insert_run(
         _step_row(run.id, index, step, start, now, reused) for index, step in enumerate(definition["steps"])
     ]
     session.execute(insert(StepRun), rows)
+    events.note_created(session, run, rows)
     return run
 
 

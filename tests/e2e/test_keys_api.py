@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 import requests
 from click.testing import CliRunner
-from flask.cli import ScriptInfo
 from sqlalchemy import text
 
 from app import keys
@@ -134,9 +133,11 @@ def test_another_companys_key_cannot_be_rotated_or_revoked(client, services, hea
 
 
 @pytest.fixture
-def run_cli(app: Any) -> Any:
+def run_cli(config: Any) -> Any:
+    """Key administration is local: the CLI reaches the session's database through DATABASE_URL."""
+
     def invoke(*args: str) -> Any:
-        return CliRunner().invoke(cli, list(args), obj=ScriptInfo(create_app=lambda: app))
+        return CliRunner().invoke(cli, list(args), env={"DATABASE_URL": config.database_url})
 
     return invoke
 

@@ -11,13 +11,9 @@ from datetime import datetime, timezone
 from urllib.parse import quote, quote_plus, unquote
 
 import pytest
-from click.testing import CliRunner
-from flask.cli import ScriptInfo
 from sqlalchemy import select
 from standardwebhooks import Webhook
 
-from app import keys
-from app.cli import cli
 from models import Secret, Workflow, WorkflowVersion
 from tests.conftest import SCHEMA, new_key
 
@@ -92,27 +88,6 @@ def test_unknown_secret_in_a_step_is_a_template_error(worker, make_workflow, tri
     run = wait_run(trigger(workflow_id)["id"])
     assert run["status"] == "failed"
     assert run["stepResults"][0]["error"]["code"] == "TEMPLATE_ERROR"
-
-
-def test_cli_set_list_delete(app, client, services):
-    company = f"cli-{uuid.uuid4().hex[:10]}"
-    with services.db.session() as session:
-        key = keys.create_key(session, keys.get_or_create_company(session, company))
-        session.commit()
-
-    def run(*args: str, stdin: str | None = None):
-        return CliRunner().invoke(cli, list(args), input=stdin, obj=ScriptInfo(create_app=lambda: app))
-
-    assert run("secrets", "set", "API_TOKEN", "--company", company, stdin="tok-value\n").exit_code == 0
-    listed = run("secrets", "list", "--company", company)
-    assert listed.exit_code == 0 and "API_TOKEN" in listed.stdout and "tok-value" not in listed.stdout
-    shown = client.get("/api/v1/secrets", headers={"x-api-key": key}).get_json()["data"]
-    assert [s["name"] for s in shown] == ["API_TOKEN"]
-    bad = run("secrets", "set", "bad-name", "--company", company, stdin="v\n")
-    assert bad.exit_code != 0 and len(bad.output.strip().splitlines()) == 1
-    assert run("secrets", "delete", "API_TOKEN", "--company", company).exit_code == 0
-    missing = run("secrets", "delete", "API_TOKEN", "--company", company)
-    assert missing.exit_code != 0 and len(missing.output.strip().splitlines()) == 1
 
 
 def _leaks(text: str, values: list[str]) -> list[str]:

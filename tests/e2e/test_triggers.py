@@ -11,7 +11,6 @@ import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
-import pytest
 import requests
 from standardwebhooks import Webhook
 
@@ -194,38 +193,3 @@ def test_manual_trigger_over_http(worker, client, headers, make_workflow, wait_r
     )
     assert response.status_code == 202
     assert wait_run(response.get_json()["data"]["id"])["triggerType"] == "manual"
-
-
-@pytest.mark.parametrize("how", ["inline", "file"])
-def test_manual_trigger_from_the_cli(worker, app, services, headers, make_workflow, wait_run, tmp_path, how):
-    from click.testing import CliRunner
-    from flask.cli import ScriptInfo
-
-    from app import keys
-    from app.cli import cli
-    from models import ApiKey, Company
-
-    wid = make_workflow([{"id": "a", "action": "transform", "input": {"x": "{{ input.x }}"}}])
-    with services.db.session() as session:
-        prefix = headers["x-api-key"][3:].split("_", 1)[0]
-        company_id = session.query(ApiKey).filter_by(prefix=prefix).one().company_id
-        name = session.get(Company, company_id).name
-    assert keys
-    args = ["runs", "trigger", wid, "--company", name]
-    if how == "inline":
-        args += ["--input", '{"x": 5}']
-    else:
-        path = tmp_path / "in.json"
-        path.write_text('{"x": 5}')
-        args += ["--input-file", str(path)]
-    result = CliRunner().invoke(cli, args, obj=ScriptInfo(create_app=lambda: app))
-    assert result.exit_code == 0, result.output
-    run = json.loads(result.stdout)
-    assert run["triggerType"] == "manual"
-    assert wait_run(run["id"])["output"] == {"x": 5}
-    bad = CliRunner().invoke(
-        cli,
-        ["runs", "trigger", wid, "--company", name, "--input", "[1]"],
-        obj=ScriptInfo(create_app=lambda: app),
-    )
-    assert bad.exit_code != 0 and "JSON object" in bad.stderr

@@ -19,7 +19,7 @@ import pytest
 from dramatiq import Message
 from sqlalchemy import select, text
 
-from app import engine
+from app import engine, events
 from app.actions import Park
 from app.config import Config
 from app.engine import Claim, Next, Outcome, sweeps
@@ -67,6 +67,7 @@ class Sent:
     run_id: str
     step_id: str
     attempt: int
+    company_id: str | None  # lets the worker apply the company's step cap before any database work
     delayed: bool
     eta: int | None  # epoch ms, delayed messages only
 
@@ -188,6 +189,18 @@ class Engine:
 
     def sent(self, run_id: str) -> list[Sent]:
         return self.queue.sent(run_id)
+
+    def events(self, run_id: str, kind: str | None = None, step_id: str | None = None) -> list[dict]:
+        """The run's published events (``app.events``), oldest first: payloads with ``kind`` added."""
+        publisher = events.publisher_for(self.services.db)
+        assert publisher is not None
+        entries = events.history(self.services.redis, events.run_stream(publisher.namespace, run_id))
+        found = [{"kind": entry.kind, **entry.payload()} for entry in entries]
+        return [
+            f
+            for f in found
+            if (kind is None or f["kind"] == kind) and (step_id is None or f.get("stepId") == step_id)
+        ]
 
     # -- the engine's public calls
 

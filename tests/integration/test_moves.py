@@ -1,5 +1,6 @@
 """The transition tables, walked: every (from, to) pair of RUN_MOVES and STEP_MOVES is made by the
-public call that owns it, on a real row, and a move outside the tables is reported.
+public call that owns it, on a real row, and published as a run event; a move outside the tables is
+reported.
 
 Each pair is a parametrize id of ``test_run_move`` / ``test_step_move`` (taken from the tables
 themselves, so a pair added to a table without a case here fails), and each case checks the row
@@ -41,6 +42,7 @@ def run_moves(e: Engine, run_id: str, frm: RunStatus, to: RunStatus, act: Callab
     assert e.run(run_id).status == frm
     result = act()
     assert e.run(run_id).status == to
+    assert e.events(run_id, "run")[-1]["status"] == to, "the move was published"
     return result
 
 
@@ -50,6 +52,7 @@ def step_moves(
     assert e.step(run_id, step_id).status == frm
     result = act()
     assert e.step(run_id, step_id).status == to
+    assert e.events(run_id, "step", step_id)[-1]["status"] == to, "the move was published"
     return result
 
 

@@ -1,11 +1,15 @@
-"""Per-company step slots: the claim takes one (or bounces at the cap), a chain keeps it, the
-heartbeat renews it, a dead worker's slot lapses with its lease, Redis down fails open."""
+"""Per-company step slots: a message over the cap is parked (one Redis call, no database work), the
+thread that frees a slot runs the company's oldest parked message, a chain keeps one slot, the
+heartbeat renews slots, a dead worker's slot lapses, "auto" is three quarters of the live worker
+threads, one process keeps a thread free of any one company, and Redis down fails open."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -13,7 +17,7 @@ from app import slots
 from app.queue import make_redis
 from app.services import Services
 from models.states import StepStatus
-from tests.integration.conftest import BrokerQueue, Engine, step, success
+from tests.integration.conftest import BrokerQueue, Engine, step
 from workers.executor import execute_step
 from workers.middleware import LeaseHeartbeat, StepTimeLimit
 
@@ -28,60 +32,110 @@ def capped(services: Services, cap: int = CAP) -> Services:
 
 
 @pytest.fixture
-def c(engine_services: Services, queue: BrokerQueue) -> Engine:
-    """A company whose steps are capped at CAP."""
+def c(engine_services: Services, queue: BrokerQueue) -> Iterator[Engine]:
+    """A company whose steps are capped at CAP (and no per-process limit: the session's in-process
+    worker, if one started, set it for its own threads)."""
     instance = Engine(capped(engine_services), queue)
+    limit, slots.local.limit = slots.local.limit, 0
+    busy = slots.local.busy.copy()
+    slots.local.busy.clear()
     yield instance
     instance.end_live_runs()
-    instance.services.redis.delete(slots.slots_key(instance.services, instance.company_id))
+    for key in (slots.slots_key, slots.parked_key):
+        instance.services.redis.delete(key(instance.services, instance.company_id))
+    slots.local.limit = limit
+    slots.local.busy.clear()
+    slots.local.busy.update(busy)
 
 
 def held(e: Engine) -> list[str]:
     return [m.decode() for m in e.services.redis.zrange(slots.slots_key(e.services, e.company_id), 0, -1)]
 
 
-def test_a_company_at_its_cap_claims_nothing_until_a_slot_frees(c: Engine) -> None:
+def parked(e: Engine) -> list[list]:
+    key = slots.parked_key(e.services, e.company_id)
+    return [json.loads(m) for m in e.services.redis.lrange(key, 0, -1)]
+
+
+def message(e: Engine, run_id: str, step_id: str = "a") -> slots.Message:
+    return slots.Message(run_id, step_id, 1, e.company_id)
+
+
+def run_message(e: Engine, run_id: str, step_id: str = "a") -> None:
+    execute_step(e.services, LeaseHeartbeat(e.services), StepTimeLimit(), run_id, step_id, 1, e.company_id)
+
+
+def test_messages_carry_their_company(c: Engine, queue: BrokerQueue) -> None:
+    run_id = c.trigger(c.workflow(step("a")))
+    [sent] = queue.take(run_id)
+    assert sent.company_id == c.company_id
+
+
+def test_over_the_cap_a_message_is_parked_and_its_step_stays_queued(c: Engine) -> None:
     wid = c.workflow(step("a"))
     first, second, third = (c.trigger(wid) for _ in range(3))
-    assert c.claim(first, "a") is not None and c.claim(second, "a") is not None
+    assert slots.enter(c.services, message(c, first)) and slots.enter(c.services, message(c, second))
     assert sorted(held(c)) == sorted([first, second])
-    with pytest.raises(slots.NoFreeSlot):
-        c.claim(third, "a")
-    assert c.statuses(third) == [S.QUEUED], "the message left the step queued"
-    slots.release(c.services, c.company_id, first)
-    assert c.claim(third, "a") is not None
+    assert not slots.enter(c.services, message(c, third))
+    assert parked(c) == [[third, "a", 1]]
+    assert c.statuses(third) == [S.QUEUED], "parking touched no database row"
+
+
+def test_freeing_a_slot_hands_it_to_the_oldest_parked_message(c: Engine) -> None:
+    wid = c.workflow(step("a"))
+    runs = [c.trigger(wid) for _ in range(4)]
+    for run_id in runs:
+        slots.enter(c.services, message(c, run_id))
+    assert parked(c) == [[runs[2], "a", 1], [runs[3], "a", 1]]
+    handed = slots.leave(c.services, c.company_id, runs[0])
+    assert handed == message(c, runs[2])
+    assert sorted(held(c)) == sorted([runs[1], runs[2]]), "the parked run holds the freed slot"
+    assert slots.leave(c.services, c.company_id, runs[1]) == message(c, runs[3])
+    assert slots.leave(c.services, c.company_id, runs[2]) is None and held(c) == [runs[3]]
 
 
 def test_another_company_is_not_held_back(c: Engine, engine_services: Services, queue: BrokerQueue) -> None:
     wid = c.workflow(step("a"))
     for run_id in [c.trigger(wid) for _ in range(CAP)]:
-        assert c.claim(run_id, "a") is not None
+        assert slots.enter(c.services, message(c, run_id))
     other = Engine(capped(engine_services), queue)
     try:
-        assert other.claim(other.trigger(other.workflow(step("a"))), "a") is not None
+        run_id = other.trigger(other.workflow(step("a")))
+        assert slots.enter(other.services, message(other, run_id))
     finally:
         other.end_live_runs()
+        other.services.redis.delete(slots.slots_key(other.services, other.company_id))
 
 
-def test_a_chain_keeps_its_one_slot(c: Engine) -> None:
-    run_id, claim = c.start(step("a"), step("b"), step("c"))
-    nxt = c.record(claim, success())
-    assert nxt.claim is not None and held(c) == [run_id]
-    nxt = c.record(nxt.claim, success())
-    assert held(c) == [run_id], "chaining takes no second slot"
+def test_the_worker_runs_parked_messages_after_its_chain_and_frees_every_slot(c: Engine) -> None:
+    single = Engine(capped(c.services, cap=1), c.queue)
+    single.company_id = c.company_id
+    wid = single.workflow(step("a"), step("b"))
+    first, second = single.trigger(wid), single.trigger(wid)
+    assert slots.enter(single.services, message(single, first))
+    assert not slots.enter(single.services, message(single, second)), "parked behind the first"
+    slots.local.give(single.company_id)  # that first entry stands for another thread's message
+    # A duplicate of the first run's message arrives at a worker: its run already holds the slot.
+    run_message(single, first)
+    assert single.statuses(first) == [S.SUCCESS, S.SUCCESS]
+    assert single.statuses(second) == [S.SUCCESS, S.SUCCESS], "the freed slot ran the parked message"
+    assert held(single) == [] and parked(single) == []
+    assert slots.local.busy == {}, "every local thread count was given back"
 
 
-def test_a_stale_message_gives_its_fresh_slot_back(c: Engine) -> None:
+def test_a_stale_message_frees_its_slot(c: Engine) -> None:
     run_id = c.trigger(c.workflow(step("a"), step("b")))
-    assert c.claim(run_id, "b") is None
-    assert held(c) == []
+    run_message(c, run_id, "b")
+    assert c.statuses(run_id) == [S.QUEUED, S.PENDING]
+    assert held(c) == [] and slots.local.busy == {}
 
 
 def test_a_dead_workers_slot_lapses_and_the_heartbeat_renews_live_ones(c: Engine) -> None:
     key = slots.slots_key(c.services, c.company_id)
     c.services.redis.zadd(key, {"run_dead-1": time.time() - 1, "run_dead-2": time.time() - 1})
     run_id, claim = c.start(step("a"))
-    assert held(c) == [run_id], "expired slots were dropped by the claim"
+    assert slots.enter(c.services, message(c, run_id)), "expired slots do not count"
+    assert held(c) == [run_id]
     before = c.services.redis.zscore(key, run_id)
     beat = LeaseHeartbeat(c.services)
     beat.hold(claim)
@@ -90,27 +144,40 @@ def test_a_dead_workers_slot_lapses_and_the_heartbeat_renews_live_ones(c: Engine
     assert c.services.redis.zscore(key, run_id) > before
 
 
-def test_a_refused_message_goes_back_to_the_broker_with_a_short_delay(c: Engine, queue: BrokerQueue) -> None:
-    wid = c.workflow(step("a"))
-    for run_id in [c.trigger(wid) for _ in range(CAP)]:
-        [message] = queue.take(run_id)
-        assert c.claim(run_id, "a") is not None
-    waiting = c.trigger(wid)
-    queue.take(waiting)
-    started = int(time.time() * 1000)
-    execute_step(c.services, LeaseHeartbeat(c.services), StepTimeLimit(), waiting, "a", 1)
-    [again] = queue.sent(waiting)
-    assert (again.step_id, again.attempt, again.delayed) == ("a", 1, True)
-    assert started + 200 <= again.eta <= int(time.time() * 1000) + 600
-    assert c.statuses(waiting) == [S.QUEUED]
+def test_auto_is_three_quarters_of_the_live_worker_threads(c: Engine) -> None:
+    auto = Engine(capped(c.services, cap=slots.AUTO), c.queue)
+    auto.company_id = c.company_id
+    capacity = slots.capacity_key(auto.services)
+    wid = auto.workflow(step("a"))
+    runs = [auto.trigger(wid) for _ in range(14)]
+    try:
+        assert slots.enter(auto.services, message(auto, runs[0])), "no worker registered: no cap"
+        slots.leave(auto.services, auto.company_id, runs[0])
+        slots.register(auto.services, "host-a:1:8")
+        slots.register(auto.services, "host-b:2:8")
+        auto.services.redis.zadd(capacity, {"host-c:3:64": time.time() - 1})  # a lapsed process
+        entered = [slots.enter(auto.services, message(auto, run_id)) for run_id in runs[1:]]
+        assert entered == [True] * 12 + [False], "16 live threads: a company may hold 12"
+        slots.unregister(auto.services, "host-b:2:8")
+        assert slots.leave(auto.services, auto.company_id, runs[1]) == message(auto, runs[13])
+    finally:
+        auto.services.redis.delete(capacity)
 
 
-def test_the_executor_frees_the_slot_when_the_chain_ends(c: Engine, queue: BrokerQueue) -> None:
-    run_id = c.trigger(c.workflow(step("a"), step("b")))
-    queue.take(run_id)
-    execute_step(c.services, LeaseHeartbeat(c.services), StepTimeLimit(), run_id, "a", 1)
-    assert c.statuses(run_id) == [S.SUCCESS, S.SUCCESS]
-    assert held(c) == []
+def test_a_process_keeps_one_thread_free_of_any_one_company(c: Engine) -> None:
+    roomy = Engine(capped(c.services, cap=100), c.queue)
+    roomy.company_id = c.company_id
+    wid = roomy.workflow(step("a"))
+    runs = [roomy.trigger(wid) for _ in range(3)]
+    slots.set_process_threads(3)
+    try:
+        entered = [slots.enter(roomy.services, message(roomy, run_id)) for run_id in runs]
+        assert entered == [True, True, False], "2 of this process's 3 threads, whatever the global cap"
+        assert parked(roomy) == [[runs[2], "a", 1]]
+        assert slots.leave(roomy.services, roomy.company_id, runs[0]) == message(roomy, runs[2])
+        assert slots.local.busy[roomy.company_id] == 2
+    finally:
+        slots.local.limit = 0  # the fixture restores the process's own limit
 
 
 def test_redis_down_fails_open_and_no_cap_makes_no_call(engine_services: Services, caplog) -> None:
@@ -118,13 +185,17 @@ def test_redis_down_fails_open_and_no_cap_makes_no_call(engine_services: Service
         capped(engine_services),
         redis=make_redis(engine_services.config.with_overrides(redis_url="redis://127.0.0.1:1/0")),
     )
+    down = slots.Message("run_x", "a", 1, "cmp_x")
     with caplog.at_level(logging.WARNING, logger="baton.slots"):
-        assert slots.acquire(dead, "cmp_x", "run_x") is None
+        assert slots.enter(dead, down) is True
+        assert slots.leave(dead, "cmp_x", "run_x") is None
     assert any("not enforced" in r.getMessage() for r in caplog.records)
+    assert slots.local.busy == {}
     caplog.clear()
     uncapped = capped(dead, cap=0)
     with caplog.at_level(logging.WARNING, logger="baton.slots"):
-        assert slots.acquire(uncapped, "cmp_x", "run_x") is None
-        slots.release(uncapped, "cmp_x", "run_x")
+        assert slots.enter(uncapped, down) is True
+        assert slots.leave(uncapped, "cmp_x", "run_x") is None
         slots.renew(uncapped, [("cmp_x", "run_x")])
+        slots.register(uncapped, "host:1:8")
     assert caplog.records == [], "with no cap, Redis is never asked"
