@@ -8,6 +8,7 @@ from flask import Blueprint, Response, g, render_template, send_from_directory
 
 from api import context
 from api.dashboard import sessions
+from app.errors import is_transient
 
 bp = Blueprint("docs_ui", __name__, url_prefix="/api/docs")
 ASSETS = str(files("flask_swagger_ui") / "dist")
@@ -18,7 +19,12 @@ SERVED = ("swagger-ui.css", "index.css", "swagger-ui-bundle.js", "favicon-32x32.
 @bp.route("/")
 def index() -> str:
     """The docs page; a signed-in dashboard user's "Try it out" calls carry the session's CSRF token."""
-    found = sessions.current(context.services())
+    try:
+        found = sessions.current(context.services())
+    except Exception as exc:  # the docs stay readable through a Redis or database outage
+        if not is_transient(exc):
+            raise
+        found = None
     g.dashboard_session = found[0] if found else None
     return render_template("dashboard/docs.html")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import re
 from typing import Any
@@ -299,3 +300,37 @@ def test_api_docs_serve_swagger_ui_from_the_package(client: Any) -> None:
     bundle.close()
     assert client.get("/api/docs/assets/../../setup.cfg").status_code == 404
     assert client.get("/api/v1/openapi.json").status_code == 200
+
+
+def test_workflow_page_shows_triggers_next_fire_and_the_delivery_log(
+    client: Any, api_key: str, make_workflow: Any, worker: Any, wait_run: Any
+) -> None:
+    secret = "dashboard-test-secret"
+    workflow_id = make_workflow(
+        [{"id": "echo", "action": "transform", "input": {"got": "{{ input }}"}}],
+        name="Signed hook",
+        triggers={
+            "webhook": {"scheme": "hmac-sha256", "secret": secret, "header": "X-Sig"},
+            "schedule": {"cron": "0 9 * * 1-5", "timezone": "Europe/Berlin"},
+        },
+    )
+    body = b'{"order": 7}'
+    good = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    sent = {"content-type": "application/json"}
+    accepted = client.post(f"/api/v1/webhooks/{workflow_id}", data=body, headers={**sent, "X-Sig": good})
+    assert accepted.status_code == 202
+    run_id = accepted.get_json()["data"]["runId"]
+    wait_run(run_id)
+    refused = client.post(f"/api/v1/webhooks/{workflow_id}", data=body, headers={**sent, "X-Sig": "0" * 64})
+    assert refused.status_code == 401
+    sign_in(client, api_key)
+    page = client.get(f"/dashboard/workflows/{workflow_id}").text
+    log = page[page.index('id="deliveries"') :]
+    assert log.count("<tr>") == 3  # the header and the two deliveries
+    assert "refused" in log and "verified" in log
+    assert f'href="/dashboard/runs/{run_id}"' in log
+    assert "<code>0 9 * * 1-5</code> Europe/Berlin" in page
+    next_fire = re.search(r"Next scheduled</dt><dd><time datetime=\"([^\"]+)\"", page)
+    assert next_fire and next_fire.group(1).endswith(("07:00:00.000Z", "08:00:00.000Z"))
+    listing = client.get("/dashboard/workflows").text
+    assert "Signed hook" in listing and "webhook · hmac-sha256" in listing

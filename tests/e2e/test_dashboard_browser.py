@@ -54,7 +54,13 @@ def browser_page(live_server: str) -> Any:
         context = browser.new_context(viewport={"width": 1360, "height": 900})
         page = context.new_page()
         page.requests = []  # type: ignore[attr-defined]
+        page.problems = []  # type: ignore[attr-defined]
         page.on("request", lambda request: page.requests.append(request.url))  # type: ignore[attr-defined]
+        page.on("pageerror", lambda error: page.problems.append(f"script error: {error}"))  # type: ignore[attr-defined]
+        page.on(  # a Content-Security-Policy refusal or a failed load shows up as a console error
+            "console",
+            lambda m: page.problems.append(f"console: {m.text}") if m.type == "error" else None,  # type: ignore[attr-defined]
+        )
         page.set_default_timeout(15_000)
         yield page
         context.close()
@@ -72,7 +78,7 @@ def _seed(make_workflow: Any, trigger: Any, wait_run: Any) -> tuple[str, str]:
     wait_run(trigger(quick, {})["id"])  # TEMPLATE_ERROR: one failure in the overview
     failed = wait_run(trigger(orders, {"order": 42, "card": "expired"})["id"])
     assert failed["status"] == "failed", failed
-    return orders, failed["id"]
+    return quick, failed["id"]
 
 
 def test_restart_a_failed_run_from_the_dashboard(
@@ -87,7 +93,7 @@ def test_restart_a_failed_run_from_the_dashboard(
     from playwright.sync_api import expect
 
     ARTIFACTS.mkdir(exist_ok=True)
-    _, failed_id = _seed(make_workflow, trigger, wait_run)
+    quick, failed_id = _seed(make_workflow, trigger, wait_run)
     page = browser_page
 
     page.goto(f"{live_server}/")
@@ -95,6 +101,9 @@ def test_restart_a_failed_run_from_the_dashboard(
     page.fill("#api_key", api_key)
     page.click("#sign-in")
     expect(page).to_have_url(f"{live_server}/dashboard")
+    expect(page.locator("[data-live-indicator]")).to_have_attribute("data-state", "live")
+    fresh = trigger(quick, {"n": 99})["id"]  # the list shows a new run as it happens
+    expect(page.locator(f'tr[data-run-id="{fresh}"] .badge')).to_have_text("completed")
 
     page.select_option("select[name=status]", "failed")
     page.click("button:has-text('Apply')")
@@ -119,6 +128,8 @@ def test_restart_a_failed_run_from_the_dashboard(
 
     expect(page.locator("#run-status .badge")).to_have_text("completed", timeout=30_000)
     assert page.evaluate("window.__sameDocument === true"), "the page was reloaded"
+    assert f"{live_server}/api/v1/runs/{new_id}/events" in page.requests
+    assert not page.evaluate("window.__batonPolling"), "updates came from polling, not the event stream"
     expect(page.locator('#timeline .wf-row[data-step-id="receipt"]')).to_have_attribute(
         "data-status", "success"
     )
@@ -146,3 +157,4 @@ def test_restart_a_failed_run_from_the_dashboard(
 
     elsewhere = [u for u in page.requests if not u.startswith((live_server, "data:"))]
     assert elsewhere == [], f"requests left this origin: {elsewhere}"
+    assert page.problems == []  # type: ignore[attr-defined]

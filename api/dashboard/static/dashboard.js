@@ -67,6 +67,7 @@
     function poll() {
       // Degraded mode: the event stream is unavailable, so ask again every few seconds.
       if (pollTimer || (closeOnFinal && isFinal())) return;
+      window.__batonPolling = true;  // tests tell the degraded mode from the event stream
       indicator("polling");
       pollTimer = setInterval(function () {
         if (closeOnFinal && isFinal()) { stop("done"); return; }
