@@ -120,6 +120,7 @@ def test_restart_a_failed_run_from_the_dashboard(
     page.fill("#restart-override", '{"card": "valid"}')
     page.click("#restart-preview")
     expect(page.locator("#plan-steps li")).to_have_text(["charge", "settle", "receipt"])
+    page.screenshot(path=str(ARTIFACTS / "restart-preview.png"))
     page.click("#restart-submit")
     page.wait_for_url(re.compile(r"/dashboard/runs/(?!" + re.escape(failed_id) + ")"))
     new_id = page.url.rsplit("/", 1)[1]
