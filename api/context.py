@@ -11,6 +11,7 @@ from flask import current_app, g, request
 from marshmallow import Schema
 from marshmallow import ValidationError as MarshmallowError
 
+from api.dashboard import sessions as dashboard_sessions
 from app import keys
 from app.definition import flatten
 from app.errors import Forbidden, Unauthorized, ValidationError
@@ -22,15 +23,29 @@ def services() -> Services:
 
 
 def authenticate() -> None:
-    """``before_request`` for authenticated blueprints: ``x-api-key`` → ``g.principal``, ``g.company_id``."""
-    with services().db.session() as session:
-        principal = keys.authenticate(session, request.headers.get("x-api-key"))
-    if principal is None:
-        raise Unauthorized(
-            "Missing or invalid API key" if request.headers.get("x-api-key") is None else "Invalid API key"
-        )
+    """``before_request`` for authenticated blueprints: ``x-api-key`` (or, without one, the dashboard
+    session cookie) → ``g.principal``, ``g.company_id``."""
+    api_key = request.headers.get("x-api-key")
+    if api_key is None and request.cookies.get(dashboard_sessions.COOKIE):
+        principal = _session_principal()
+    else:
+        with services().db.session() as session:
+            principal = keys.authenticate(session, api_key)
+        if principal is None:
+            raise Unauthorized("Missing or invalid API key" if api_key is None else "Invalid API key")
     g.principal = principal
     g.company_id = principal.company_id
+
+
+def _session_principal() -> keys.Principal:
+    """The signed-in dashboard's key; an unsafe method must carry the session's CSRF token."""
+    found = dashboard_sessions.current(services())
+    if found is None:
+        raise Unauthorized("Dashboard session expired or signed out; sign in again")
+    session, principal = found
+    if request.method not in dashboard_sessions.SAFE_METHODS and not dashboard_sessions.csrf_ok(session):
+        raise Forbidden(f"Missing or invalid {dashboard_sessions.CSRF_HEADER} header")
+    return principal
 
 
 def company_id() -> str:

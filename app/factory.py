@@ -116,6 +116,9 @@ def create_app(config: Config | None = None, services: Services | None = None) -
     from api import register
 
     register(api)
+    from api import dashboard
+
+    dashboard.register(app)
     from app import ratelimit
 
     ratelimit.init_app(app, config)

@@ -126,6 +126,31 @@ def _authenticate(session: Session, key: str) -> Principal | None:
     row = session.execute(select(ApiKey).where(ApiKey.prefix == prefix)).scalar_one_or_none()
     if row is None or row.revoked_at is not None or not hmac.compare_digest(row.hash, _digest(key)):
         return None
+    return _principal(session, row)
+
+
+# Dashboard sessions hold a key's id, never the key: they are re-checked by id, cached the same way.
+_verified_ids: dict[str, tuple[Principal, float]] = {}
+
+
+def authenticate_id(session: Session, key_id: str) -> Principal | None:
+    """The principal of an unrevoked key, by its id (a signed-in dashboard session re-checks it)."""
+    cached = _verified_ids.get(key_id)
+    if cached is not None and cached[1] > time.monotonic():
+        return cached[0]
+    row = session.get(ApiKey, key_id)
+    if row is None or row.revoked_at is not None:
+        _verified_ids.pop(key_id, None)
+        return None
+    principal = _principal(session, row)
+    if len(_verified_ids) > 10_000:
+        _verified_ids.clear()
+    _verified_ids[key_id] = (principal, time.monotonic() + CACHE_TTL_S)
+    return principal
+
+
+def _principal(session: Session, row: ApiKey) -> Principal:
+    """A verified key's principal; ``lastUsedAt`` is kept to the minute."""
     now = utcnow()
     if row.last_used_at is None or now - row.last_used_at > _LAST_USED_RESOLUTION:
         session.execute(update(ApiKey).where(ApiKey.id == row.id).values(last_used_at=now))
@@ -187,6 +212,7 @@ def revoke(session: Session, prefix: str) -> bool:
 
 def _forget(company_id: str) -> None:
     """Drop this process's cached verifications of a company's keys (the next request re-checks)."""
-    stale = [d for d, (principal, _) in list(_verified.items()) if principal.company_id == company_id]
-    for digest in stale:
-        _verified.pop(digest, None)
+    for cache in (_verified, _verified_ids):
+        stale = [k for k, (principal, _) in list(cache.items()) if principal.company_id == company_id]
+        for cache_key in stale:
+            cache.pop(cache_key, None)
