@@ -8,7 +8,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterBadDateError, croniter
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from app.timeutil import utcnow
@@ -111,37 +111,57 @@ def fire_due(services: Any, now: datetime | None = None) -> int:
     """Fire every due schedule once for its most recent fire time; safe from several schedulers.
 
     Each fire time is an idempotency key of the run, so two schedulers (or a repeat after a crash)
-    make one run; after downtime only the latest missed time fires, not a storm.
+    make one run; after downtime only the latest missed time fires, not a storm. No transaction is
+    held while a run is triggered: on SQLite, whose writers take the one database lock, the
+    trigger's own transaction would wait on it and time out (no schedule would ever fire).
     """
-    from app import engine
-    from app.errors import BatonError
     from models import Schedule, Workflow
 
     now = now or utcnow()
-    fired = 0
     with services.db.session() as session:
         due = session.execute(
-            select(Schedule, Workflow.id)
+            select(
+                Schedule.workflow_key,
+                Workflow.id.label("workflow_id"),
+                Schedule.company_id,
+                Schedule.input,
+                Schedule.cron,
+                Schedule.timezone,
+            )
             .join(Workflow, Workflow.key == Schedule.workflow_key)
             .where(Schedule.next_run_at <= now)
-            .with_for_update(skip_locked=True, of=Schedule)
             .limit(100)
         ).all()
-        for row, workflow_id in due:
-            fire_at = latest_fire(row.cron, row.timezone, now)
-            try:
-                _run, created = engine.trigger_run(
-                    services,
-                    row.company_id,
-                    workflow_id,
-                    row.input,
-                    "schedule",
-                    idempotency_key=f"schedule:{fire_at.isoformat()}",
-                )
-                fired += int(created)
-            except BatonError as exc:
-                logger.warning("schedule of %s could not fire: %s", workflow_id, exc.message)
-            row.last_fire_at = fire_at
-            row.next_run_at = next_fire(row.cron, row.timezone, now)
-        session.commit()
+    fired = 0
+    for row in due:
+        fire_at = latest_fire(row.cron, row.timezone, now)
+        fired += _fire(services, row, fire_at)
+        # The run is committed first: a crash here fires the same time again, which its key dedupes.
+        with services.db.session() as session:
+            session.execute(
+                update(Schedule)
+                .where(Schedule.workflow_key == row.workflow_key, Schedule.next_run_at <= now)
+                .values(last_fire_at=fire_at, next_run_at=next_fire(row.cron, row.timezone, now))
+            )
+            session.commit()
     return fired
+
+
+def _fire(services: Any, row: Any, fire_at: datetime) -> int:
+    """Trigger one schedule's run for ``fire_at``: 1 when created, 0 for a repeat or a refusal."""
+    from app import engine
+    from app.errors import BatonError
+
+    try:
+        _run, created = engine.trigger_run(
+            services,
+            row.company_id,
+            row.workflow_id,
+            row.input,
+            "schedule",
+            idempotency_key=f"schedule:{fire_at.isoformat()}",
+        )
+    except BatonError as exc:
+        logger.warning("schedule of %s could not fire: %s", row.workflow_id, exc.message)
+        return 0
+    return int(created)
