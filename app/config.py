@@ -145,3 +145,8 @@ class Config:
 
     def resolved_broker_url(self) -> str:
         return self.broker_url or self.resolved_redis_url()
+
+    @property
+    def rabbitmq_broker(self) -> bool:
+        """``BROKER_URL=amqp://…`` (or ``amqps://``) selects RabbitMQ; anything else is Redis."""
+        return self.resolved_broker_url().startswith(("amqp://", "amqps://"))

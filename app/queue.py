@@ -1,9 +1,17 @@
-"""The Dramatiq broker and the one way Baton enqueues a step."""
+"""The Dramatiq broker (Redis or RabbitMQ) and the one way Baton enqueues a step."""
 
 from __future__ import annotations
 
+import re
+import uuid
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import pika
+import pika.exceptions
 import redis
 from dramatiq import Broker, Message
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries, ShutdownNotifications, TimeLimit
 
@@ -12,6 +20,12 @@ from app.errors import is_transient
 
 STEPS_QUEUE = "steps"
 EXECUTE_STEP = "execute_step"
+# Dramatiq's rule for a queue name (its actor decorator refuses any other).
+QUEUE_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9._-]*")
+# pika's connection settings unless the URL gives its own: an unreachable broker fails a call
+# within seconds instead of hanging a request, and a broker that blocks publishers (a memory or
+# disk alarm) fails the publish after 10 s rather than never.
+AMQP_DEFAULTS = {"socket_timeout": "2", "stack_timeout": "5", "blocked_connection_timeout": "10"}
 
 
 MESSAGE_RETRIES = 40  # with back-off capped at 10 s: a message outlives ~6 minutes of outage
@@ -21,6 +35,35 @@ def retry_message(retries: int, exc: BaseException) -> bool:
     """Redeliver a message only through a database or Redis outage: per-step retry is Baton's own
     (the attempt lives in the database), and a bug must not loop."""
     return retries < MESSAGE_RETRIES and is_transient(exc)
+
+
+class NamespacedRabbitmqBroker(RabbitmqBroker):
+    """Dramatiq's RabbitMQ broker with the deployment's namespace, which the queue names carry:
+    the queues of a virtual host share one flat name space (Redis keys carry it instead)."""
+
+    def __init__(self, *, namespace: str, **kwargs: Any) -> None:
+        if not QUEUE_NAME.fullmatch(f"{namespace}.{STEPS_QUEUE}"):
+            raise ValueError(
+                f"BATON_QUEUE_NAMESPACE {namespace!r} cannot name a RabbitMQ queue: use letters, "
+                "digits, '.', '_' and '-', starting with a letter"
+            )
+        super().__init__(**kwargs)
+        self.namespace = namespace
+
+
+def steps_queue_name(broker: Broker) -> str:
+    """The steps queue of this broker: ``<namespace>.steps`` on RabbitMQ, ``steps`` on Redis
+    (whose broker already puts the namespace in front of every key)."""
+    if isinstance(broker, NamespacedRabbitmqBroker):
+        return f"{broker.namespace}.{STEPS_QUEUE}"
+    return STEPS_QUEUE
+
+
+def amqp_url(url: str) -> str:
+    """``url`` with Baton's connection defaults for what its query string does not set."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    return urlunsplit(parts._replace(query=urlencode({**AMQP_DEFAULTS, **query})))
 
 
 def make_broker(config: Config) -> Broker:
@@ -34,10 +77,15 @@ def make_broker(config: Config) -> Broker:
         Retries(retry_when=retry_message, min_backoff=500, max_backoff=10_000),
     ]
     url = config.resolved_broker_url()
-    if url.startswith("amqp"):
-        from dramatiq.brokers.rabbitmq import RabbitmqBroker
-
-        broker: Broker = RabbitmqBroker(url=url, middleware=middleware)
+    if config.rabbitmq_broker:
+        broker: Broker = NamespacedRabbitmqBroker(
+            namespace=config.queue_namespace,
+            url=amqp_url(url),
+            middleware=middleware,
+            # Each publish waits for RabbitMQ's ack: a message sent on a connection the server
+            # already dropped (a missed heartbeat, a restart) raises and is sent again, never lost.
+            confirm_delivery=True,
+        )
     else:
         broker = RedisBroker(
             url=url,
@@ -50,7 +98,7 @@ def make_broker(config: Config) -> Broker:
             socket_connect_timeout=2,
             socket_timeout=10,
         )
-    broker.declare_queue(STEPS_QUEUE)
+    broker.declare_queue(steps_queue_name(broker))
     return broker
 
 
@@ -60,6 +108,7 @@ class StepQueue:
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
+        self.queue_name = steps_queue_name(broker)
 
     def enqueue(
         self,
@@ -70,13 +119,64 @@ class StepQueue:
         company_id: str | None = None,
     ) -> None:
         message = Message(
-            queue_name=STEPS_QUEUE,
+            queue_name=self.queue_name,
             actor_name=EXECUTE_STEP,
             args=(run_id, step_id, attempt, company_id),
             kwargs={},
             options={},
         )
         self.broker.enqueue(message, delay=delay_ms if delay_ms and delay_ms > 0 else None)
+
+    @property
+    def rabbitmq(self) -> bool:
+        return isinstance(self.broker, RabbitmqBroker)
+
+    def depth(self) -> int:
+        """Messages waiting in the steps queue (ready to run; delayed ones and those being
+        executed not counted)."""
+        if isinstance(self.broker, RabbitmqBroker):
+            declared = self.broker.channel.queue_declare(self.queue_name, passive=True)
+            return int(declared.method.message_count)
+        assert isinstance(self.broker, RedisBroker)
+        return int(self.broker.client.llen(f"{self.broker.namespace}:{self.queue_name}"))
+
+    # The epoch marker tells whether the broker lost its messages (restarted empty, or new): it
+    # lives where the messages live and goes away with them. On Redis a key; on RabbitMQ a durable
+    # queue, which survives a restart exactly when the durable queues holding the messages do.
+
+    def _epoch_name(self) -> str:
+        namespace = getattr(self.broker, "namespace", "")
+        return f"{namespace}.epoch" if self.rabbitmq else f"{namespace}:epoch"
+
+    def epoch_present(self) -> bool:
+        """Whether the broker still holds the marker set by ``mark_epoch`` (same broker life)."""
+        if isinstance(self.broker, RabbitmqBroker):
+            try:
+                self.broker.channel.queue_declare(self._epoch_name(), passive=True)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                del self.broker.channel  # a failed passive declare closes the channel
+                if exc.reply_code == 404:
+                    return False
+                raise
+            return True
+        assert isinstance(self.broker, RedisBroker)
+        return bool(self.broker.client.exists(self._epoch_name()))
+
+    def mark_epoch(self) -> None:
+        """Set the marker: every message the broker should hold has been sent."""
+        if isinstance(self.broker, RabbitmqBroker):
+            self.broker.channel.queue_declare(self._epoch_name(), durable=True)
+            return
+        assert isinstance(self.broker, RedisBroker)
+        self.broker.client.set(self._epoch_name(), uuid.uuid4().hex)
+
+    def delete_queues(self) -> None:
+        """Drop this namespace's queues and epoch marker (a finished test session, a deployment
+        taken down); on Redis the namespace's keys go with ``SCAN``/``DEL`` instead."""
+        if not isinstance(self.broker, RabbitmqBroker):
+            return
+        for name in (self.queue_name, f"{self.queue_name}.DQ", f"{self.queue_name}.XQ", self._epoch_name()):
+            self.broker.channel.queue_delete(name)
 
 
 def make_redis(config: Config) -> redis.Redis:

@@ -1,12 +1,15 @@
 """Fixtures: the real PostgreSQL and Redis, a real Dramatiq worker on the real broker.
 
 ``DATABASE_URL`` and ``REDIS_URL`` (read through ``Config``) choose the servers; they default to
-the local PostgreSQL database ``test`` and Redis on 127.0.0.1:6379.
+the local PostgreSQL database ``test`` and Redis on 127.0.0.1:6379. ``BROKER_URL=amqp://…`` runs
+the steps through RabbitMQ instead of Redis (queues named after the session's namespace, deleted
+at the end); Redis still holds cancel flags, locks and limits.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import uuid
@@ -31,6 +34,8 @@ from app.services import Services
 
 DEFAULT_DATABASE_URL = "postgresql+psycopg://root@127.0.0.1:5432/test"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEAD_REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+DEAD_AMQP_URL = "amqp://guest:guest@127.0.0.1:1/%2F"
 # The engine says which statuses are final; tests do not keep a copy of their own.
 TERMINAL = tuple(sorted(RUN_TERMINAL))
 
@@ -43,11 +48,13 @@ def config() -> Config:
     """A schema of its own per session, so concurrent test sessions never collide."""
     env = Config.from_env()
     base = env.database_url or DEFAULT_DATABASE_URL
+    redis_url = env.redis_url or DEFAULT_REDIS_URL
     separator = "&" if "?" in base else "?"
     return env.with_overrides(
         database_url=f"{base}{separator}options=-csearch_path%3D{SCHEMA}&application_name={SCHEMA}",
-        redis_url=env.redis_url or DEFAULT_REDIS_URL,
-        broker_url=None,
+        redis_url=redis_url,
+        # RabbitMQ when BROKER_URL says amqp://; otherwise the broker is the Redis above.
+        broker_url=env.broker_url if env.rabbitmq_broker else None,
         queue_namespace=f"baton-test-{uuid.uuid4().hex[:8]}",
         http_allow_networks=("127.0.0.0/8", "::1/128"),  # step targets are local listeners
         # The suite's own traffic and per-second schedules are not what the limits guard against.
@@ -75,6 +82,8 @@ def services(config: Config) -> Iterator[Services]:
     yield svc
     for key in svc.redis.scan_iter(f"{config.queue_namespace}:*"):
         svc.redis.delete(key)
+    svc.queue.delete_queues()
+    broker.close()
     db.dispose()
     with db.engine.begin() as conn:
         # Connections of processes the tests started (and killed) must not hold the schema.
@@ -91,14 +100,15 @@ def services(config: Config) -> Iterator[Services]:
 
 @pytest.fixture(scope="session")
 def worker(services: Services) -> Iterator[dramatiq.Worker]:
-    """A real Dramatiq worker consuming the real Redis broker, in this process."""
+    """A real Dramatiq worker consuming the real broker (Redis or RabbitMQ), in this process."""
     broker = services.queue.broker
     dramatiq.set_broker(broker)
     import workers.actions  # noqa: F401
-    from workers import actors  # noqa: F401
+    from workers import actors
     from workers.middleware import ProcessServices
 
     broker.add_middleware(ProcessServices(services))
+    actors.register(services.queue)
     worker = dramatiq.Worker(broker, worker_threads=8, worker_timeout=50)
     worker.start()
     yield worker
@@ -138,6 +148,22 @@ def app(config: Config, services: Services) -> Any:
 @pytest.fixture
 def client(app: Any) -> Any:
     return app.test_client()
+
+
+def session_env(config: Config) -> dict[str, str]:
+    """The environment for a Baton process a test starts: this session's broker (``BROKER_URL``
+    only when it is RabbitMQ; otherwise the process's ``REDIS_URL`` is its broker)."""
+    env = {k: v for k, v in os.environ.items() if k != "BROKER_URL"}
+    if config.broker_url:
+        env["BROKER_URL"] = config.broker_url
+    return env
+
+
+def unreachable(config: Config) -> Config:
+    """``config`` with its Redis and its broker (of the same kind) where nothing answers."""
+    return config.with_overrides(
+        redis_url=DEAD_REDIS_URL, broker_url=DEAD_AMQP_URL if config.rabbitmq_broker else None
+    )
 
 
 def new_key(services: Services, label: str = "test") -> str:

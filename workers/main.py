@@ -1,4 +1,4 @@
-"""Entry module of a worker process: set the broker first, then import the actors."""
+"""Entry module of a worker process: build the broker, set it, declare the step actor on it."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import dramatiq
 import workers.actions  # noqa: F401  (registers the built-in actions)
 from app.config import Config
 from app.services import build_services, configure_logging
+from workers import actors
 from workers.middleware import ProcessServices
 
 config = Config.from_env()
@@ -15,5 +16,4 @@ services = build_services(config, pool_size=16)
 broker = services.queue.broker
 broker.add_middleware(ProcessServices(services))
 dramatiq.set_broker(broker)
-
-from workers import actors  # noqa: E402,F401  (must follow set_broker)
+actors.register(services.queue)

@@ -8,7 +8,6 @@ cleanly. A re-sent message is harmless: a claim takes only the attempt it names.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Iterator
 from datetime import datetime
 
@@ -120,16 +119,15 @@ def sweep_lost_messages(
 
 
 def sweep_broker_restart(services: Services, session: Session, now: datetime) -> int:
-    """Redis restarted empty (its epoch key is gone): every queued step and parked delay lost its
-    message at once, so all are sent again now rather than STUCK_AFTER later."""
-    epoch = services.key("epoch")
-    if services.redis.exists(epoch):
+    """The broker restarted empty, or is new (its epoch marker is gone): every queued step and
+    parked delay lost its message at once, so all are sent again now rather than STUCK_AFTER later."""
+    if services.queue.epoch_present():
         return 0
     count = sweep_lost_messages(services, session, now, since=now)
     # Set only once every message went out: a resend cut short by another outage runs again.
-    services.redis.set(epoch, uuid.uuid4().hex)
+    services.queue.mark_epoch()
     if count:
-        logger.warning("the broker's Redis is new or was restarted: re-sent %d step message(s)", count)
+        logger.warning("the broker is new or was restarted empty: re-sent %d step message(s)", count)
     return count
 
 

@@ -3,7 +3,6 @@ reaches another process (a gunicorn ``baton api``) within a second."""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -23,7 +22,7 @@ from app import keys
 from app.cli import cli
 from app.db import Database
 from app.migrate import upgrade
-from tests.conftest import SCHEMA, new_key, wait_for
+from tests.conftest import SCHEMA, new_key, session_env, wait_for
 from tests.e2e.test_auth_errors import assert_error
 
 BATON = str(Path(sys.executable).with_name("baton"))
@@ -221,7 +220,7 @@ def _free_port() -> int:
 def api_process(config: Any, tmp_path: Path) -> Iterator[str]:
     """``baton api`` (gunicorn, two worker processes) on the session's database and Redis."""
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "BROKER_URL"}
+    env = session_env(config)
     env.update(
         DATABASE_URL=str(config.database_url),
         REDIS_URL=str(config.redis_url),

@@ -12,9 +12,9 @@ from app.engine import sweep
 from app.factory import create_app
 from app.queue import StepQueue, make_broker, make_redis
 from app.services import Services
+from tests.conftest import unreachable
 
 DEAD_PG = "postgresql+psycopg://root@127.0.0.1:1/test?connect_timeout=2"
-DEAD_REDIS = "redis://127.0.0.1:1/0"  # nothing listens on port 1
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def app_without_database(config: Any, services: Services) -> Any:
 
 @pytest.fixture
 def app_without_redis(config: Any, services: Services) -> Any:
-    dead = config.with_overrides(redis_url=DEAD_REDIS)
+    dead = unreachable(config)  # Redis, and the broker when that is RabbitMQ
     broken = Services(
         db=services.db,
         redis=make_redis(dead),

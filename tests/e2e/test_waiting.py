@@ -11,6 +11,7 @@ from app import engine
 from app.engine import sweeps
 from app.timeutil import utcnow
 from models import StepRun
+from tests.conftest import unreachable
 
 
 def test_delay_holds_no_thread_and_next_step_follows_on_time(
@@ -166,7 +167,7 @@ def test_broker_down_at_trigger_loses_nothing(
     from app.services import Services
 
     wid = make_workflow([{"id": "a", "action": "transform", "input": {"ok": True}}])
-    dead = config.with_overrides(redis_url="redis://127.0.0.1:1/0")  # nothing listens on port 1
+    dead = unreachable(config)
     broken = Services(
         db=services.db, redis=services.redis, queue=StepQueue(make_broker(dead)), namespace=services.namespace
     )

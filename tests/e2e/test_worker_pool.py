@@ -22,7 +22,7 @@ import pytest
 from app.config import Config
 from app.factory import create_app
 from app.queue import StepQueue, make_broker
-from tests.conftest import running_scheduler, wait_for
+from tests.conftest import running_scheduler, session_env, wait_for
 
 BATON = str(Path(sys.executable).with_name("baton"))
 
@@ -51,6 +51,7 @@ def pool_services(pool_config: Config, services: Any) -> Iterator[Any]:
     yield svc
     for key in services.redis.scan_iter(f"{pool_config.queue_namespace}:*"):
         services.redis.delete(key)
+    svc.queue.delete_queues()
     broker.close()
 
 
@@ -87,11 +88,20 @@ class Pool:
 
 
 @pytest.fixture
+def drop_queues() -> Iterator[list[StepQueue]]:
+    """Queues a test made, deleted after its pools stopped (request it before ``start_pool``)."""
+    queues: list[StepQueue] = []
+    yield queues
+    for queue in queues:
+        queue.delete_queues()
+
+
+@pytest.fixture
 def start_pool(pool_config: Config, tmp_path: Path) -> Iterator[Callable[..., Pool]]:
     started: list[Pool] = []
 
     def start(*args: str, env: dict[str, str] | None = None) -> Pool:
-        child_env = {k: v for k, v in os.environ.items() if k != "BROKER_URL"}
+        child_env = session_env(pool_config)
         child_env.update(
             DATABASE_URL=str(pool_config.database_url),
             REDIS_URL=str(pool_config.redis_url),
@@ -257,7 +267,7 @@ def _logs(client: Any, headers: dict[str, str], run_id: str) -> list[dict[str, A
 
 
 def test_leases_recover_a_dead_workers_step_and_spare_a_slow_one(
-    start_pool, sweeper, pool_config, pool_services, make_workflow, wait_run, client, headers
+    drop_queues, start_pool, sweeper, pool_config, pool_services, make_workflow, wait_run, client, headers
 ):
     """A step that kills its worker fails WORKER_LOST after maxAttempts, within maxAttempts × 45 s
     (default timeoutMs: the heartbeat lease, not the timeout, decides); a 60 s step whose worker
@@ -278,6 +288,7 @@ def test_leases_recover_a_dead_workers_step_and_spare_a_slow_one(
     slow_pool = start_pool(
         "-p", "1", "-t", "2", env={**modules, "BATON_QUEUE_NAMESPACE": slow_config.queue_namespace}
     )
+    drop_queues.append(slow_services.queue)
     pool = start_pool("-p", "2", "-t", "2", env=modules)
     slow_pool.ready_children(1)
     pool.ready_children(2)

@@ -121,8 +121,11 @@ def engine_services(config: Config, services: Services) -> Iterator[Services]:
     """The session's database and Redis, with a step queue (and epoch key, cancel flags) in a
     namespace of its own."""
     namespace = f"{config.queue_namespace}-engine"
-    broker = make_broker(config.with_overrides(queue_namespace=namespace))
-    svc = dataclasses.replace(services, queue=StepQueue(broker), namespace=namespace)
+    # Always the Redis broker, whatever BROKER_URL says: this tier reads what was sent from its keys.
+    broker = make_broker(config.with_overrides(queue_namespace=namespace, broker_url=None))
+    svc = dataclasses.replace(
+        services, queue=StepQueue(broker), namespace=namespace, config=config.with_overrides(broker_url=None)
+    )
     yield svc
     for key in svc.redis.scan_iter(f"{namespace}:*"):
         svc.redis.delete(key)
