@@ -359,8 +359,9 @@ def dev(host: str, port: int, processes: int, threads: int) -> None:
     try:
         _say(f"starting API on {base_url}")
         children.append(("api", subprocess.Popen(api_command(config, host, port, 1), env=env)))
-        _say(f"starting {processes} worker processes x {threads} threads, and the scheduler")
+        _say(f"starting {processes} worker processes x {threads} threads")
         children.append(("worker", subprocess.Popen(worker_command(processes, threads), env=env)))
+        _say("starting the scheduler: cron schedules fire, recovery sweeps and run timeouts run")
         children.append(("scheduler", subprocess.Popen(scheduler_command(), env=env)))
         if not _wait_ready(base_url, children, lambda: stopping):
             exit_code = 1
