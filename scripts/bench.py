@@ -68,6 +68,7 @@ from psycopg import sql
 REPO = Path(__file__).resolve().parent.parent
 VAR = REPO / "var"
 BARE_NAMESPACE = "bench-bare"
+BENCH_AMQP_NAMESPACE = "baton-bench"  # Baton's queues on RabbitMQ with --broker-url
 BARE_QUEUE = "hops"
 BARE_ACTORS = f'''"""Bare Dramatiq baseline for Baton's bench: each hop does nothing but enqueue the next."""
 
@@ -387,6 +388,10 @@ class Bench:
             BATON_LOG_LEVEL="WARNING",
             BATON_VAR_DIR=str(VAR),
         )
+        if args.broker_url:
+            # Baton's steps on this broker (RabbitMQ: queues named after the namespace); the bare
+            # baseline stays on Redis.
+            self.env.update(BROKER_URL=args.broker_url, BATON_QUEUE_NAMESPACE=BENCH_AMQP_NAMESPACE)
         self.redis = redis.Redis.from_url(args.redis_url)
         self.api = Api("")
         self.results: dict[str, Any] = {}
@@ -412,6 +417,7 @@ class Bench:
         self.results["postgres"] = self.admin.execute("SHOW server_version").fetchone()[0]
         self.redis.ping()
         self.redis.flushdb()
+        self.drop_baton_messages()
         log("migrating (baton db upgrade)")
         self._baton("db", "upgrade")
         self.probe = Probe(self.db_url)
@@ -433,6 +439,19 @@ class Bench:
         self.tmpdir = tempfile.TemporaryDirectory(prefix="baton-bench-")
         Path(self.tmpdir.name, "bench_bare_actors.py").write_text(BARE_ACTORS)
         self.start_api()
+
+    def drop_baton_messages(self) -> None:
+        """Empty Baton's step queue: its Redis keys, or its RabbitMQ queues when --broker-url."""
+        for key in self.redis.scan_iter(match="baton:*"):
+            self.redis.delete(key)
+        if self.args.broker_url:
+            from app.config import Config
+            from app.queue import StepQueue, make_broker
+
+            config = Config(broker_url=self.args.broker_url, queue_namespace=BENCH_AMQP_NAMESPACE)
+            queue = StepQueue(make_broker(config))
+            queue.delete_queues()
+            queue.broker.close()
 
     def _baton(self, *argv: str) -> str:
         done = subprocess.run(
@@ -587,8 +606,7 @@ class Bench:
             rates.append(size / elapsed)
             log(f"triggers/s batch {i + 1}/{batches}: {rates[-1]:.0f}/s")
         # Nothing may execute these later: drop Baton's queued messages and close the runs.
-        for key in self.redis.scan_iter(match="baton:*"):
-            self.redis.delete(key)
+        self.drop_baton_messages()
         assert self.probe is not None
         self.probe.one(
             "WITH r AS (UPDATE runs SET status = 'cancelled', completed_at = now() "
@@ -1129,6 +1147,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--db-name", default="baton_bench", help="dedicated database (emptied at the start)")
     parser.add_argument(
         "--redis-url", default="redis://127.0.0.1:6379/2", help="dedicated Redis db (flushed)"
+    )
+    parser.add_argument(
+        "--broker-url",
+        default=None,
+        help="Baton's broker, e.g. amqp://guest:guest@127.0.0.1:5672/%%2F for RabbitMQ (default: "
+        "--redis-url); the bare-Dramatiq baseline stays on Redis",
     )
     parser.add_argument("--output", type=Path, default=VAR / "bench-results.json", help="JSON results file")
     parser.add_argument(
