@@ -135,8 +135,8 @@ class StepQueue:
         """Messages waiting in the steps queue (ready to run; delayed ones and those being
         executed not counted)."""
         if isinstance(self.broker, RabbitmqBroker):
-            declared = self.broker.channel.queue_declare(self.queue_name, passive=True)
-            return int(declared.method.message_count)
+            declared = self._declared(self.queue_name)
+            return int(declared.method.message_count) if declared is not None else 0
         assert isinstance(self.broker, RedisBroker)
         return int(self.broker.client.llen(f"{self.broker.namespace}:{self.queue_name}"))
 
@@ -148,17 +148,21 @@ class StepQueue:
         namespace = getattr(self.broker, "namespace", "")
         return f"{namespace}.epoch" if self.rabbitmq else f"{namespace}:epoch"
 
+    def _declared(self, name: str) -> Any:
+        """RabbitMQ's answer to a passive declare of queue ``name``; None when there is no such queue."""
+        assert isinstance(self.broker, RabbitmqBroker)
+        try:
+            return self.broker.channel.queue_declare(name, passive=True)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            del self.broker.channel  # a refused declare closes the channel
+            if exc.reply_code == 404:
+                return None
+            raise
+
     def epoch_present(self) -> bool:
         """Whether the broker still holds the marker set by ``mark_epoch`` (same broker life)."""
         if isinstance(self.broker, RabbitmqBroker):
-            try:
-                self.broker.channel.queue_declare(self._epoch_name(), passive=True)
-            except pika.exceptions.ChannelClosedByBroker as exc:
-                del self.broker.channel  # a failed passive declare closes the channel
-                if exc.reply_code == 404:
-                    return False
-                raise
-            return True
+            return self._declared(self._epoch_name()) is not None
         assert isinstance(self.broker, RedisBroker)
         return bool(self.broker.client.exists(self._epoch_name()))
 
