@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from typing import Any
@@ -78,6 +79,11 @@ def make_broker(config: Config) -> Broker:
     ]
     url = config.resolved_broker_url()
     if config.rabbitmq_broker:
+        # pika logs an error with a traceback whenever a connection it kept is found dropped, as
+        # a thread's idle publishing connection is after RabbitMQ's heartbeat timeout; Dramatiq
+        # then opens a new one and publishes again. What matters still shows: Dramatiq's consumer
+        # errors and Baton's "could not enqueue" warning.
+        logging.getLogger("pika").setLevel(logging.CRITICAL)
         broker: Broker = NamespacedRabbitmqBroker(
             namespace=config.queue_namespace,
             url=amqp_url(url),
