@@ -32,13 +32,16 @@ APPROVAL_TIMEOUT = {"code": "APPROVAL_TIMEOUT", "message": "No approval before t
 
 
 def sweep(services: Services, now: datetime | None = None) -> dict[str, int]:
-    """One pass of every sweep."""
+    """One pass of every sweep; those that need no broker first, so a broker outage (RabbitMQ is
+    apart from Redis and PostgreSQL) does not hold back run timeouts and expired approvals."""
     now = now or utcnow()
     with services.db.session() as session:
+        timed_out = sweep_timeouts(services, session, now)
+        approvals = sweep_approvals(session, now)
         return {
             "resent": sweep_broker_restart(services, session, now),
-            "timedOut": sweep_timeouts(services, session, now),
-            "approvalsExpired": sweep_approvals(session, now),
+            "timedOut": timed_out,
+            "approvalsExpired": approvals,
             "requeued": sweep_lost_messages(services, session, now),
             "leasesExpired": sweep_dead_workers(services, session, now),
         }

@@ -7,17 +7,22 @@ import dataclasses
 import os
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 
+import pika.exceptions
 import pytest
+import redis
 from dramatiq import Message
 
 from app import engine
 from app.config import Config
 from app.queue import StepQueue, make_broker, steps_queue_name
 from app.services import Services
+from app.timeutil import utcnow
 from models import Run
 from models.states import RunStatus
 from tests import factories
+from tests.conftest import DEAD_REDIS_URL, unreachable
 
 LOCAL_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
@@ -134,3 +139,22 @@ def test_a_broker_that_lost_its_messages_gets_them_again_at_once(broker_config, 
             assert session.get(Run, run.id).status == RunStatus.PENDING, "no worker took it"
     finally:
         engine.cancel_run(svc, company_id, run.id)  # no later test's sweep may send it again
+
+
+def test_a_broker_outage_does_not_hold_back_run_timeouts(broker_config, queues, services):
+    """The sweeps that need no broker run first: with the broker down, an overdue run still ends
+    ``timeout`` (the pass then stops at the broker and is tried again)."""
+    dead = broker_config.with_overrides(broker_url=unreachable(broker_config).broker_url or DEAD_REDIS_URL)
+    queue = _queue(broker_config, queues)
+    svc = dataclasses.replace(services, queue=queue, namespace=broker_config.queue_namespace)
+    with services.db.session() as session:
+        company_id = factories.company(session).id
+        steps = [{"id": "a", "action": "transform", "input": {}}]
+        wid = factories.workflow(session, company_id, steps, timeoutMs=1000).id
+        session.commit()
+    run, _ = engine.trigger_run(svc, company_id, wid, {}, "api")
+    down = dataclasses.replace(svc, queue=StepQueue(make_broker(dead)))
+    with pytest.raises((redis.ConnectionError, pika.exceptions.AMQPConnectionError)):
+        engine.sweep(down, now=utcnow() + timedelta(hours=1))
+    with services.db.session() as session:
+        assert session.get(Run, run.id).status == RunStatus.TIMEOUT
