@@ -106,11 +106,13 @@ def _take_all(queue: StepQueue) -> list[tuple[str, str, int]]:
             method, _properties, body = channel.basic_get(queue.queue_name, auto_ack=True)
             if method is None:
                 return taken
-            taken.append(tuple(Message.decode(body).args))
+            taken.append(tuple(Message.decode(body).args[:3]))
     client, key = queue.broker.client, f"{queue.broker.namespace}:{queue.queue_name}"
     ids = client.lrange(key, 0, -1)
     client.delete(key)
-    return [tuple(Message.decode(data).args) for data in (client.hmget(f"{key}.msgs", ids) if ids else [])]
+    return [
+        tuple(Message.decode(data).args[:3]) for data in (client.hmget(f"{key}.msgs", ids) if ids else [])
+    ]
 
 
 def test_a_broker_that_lost_its_messages_gets_them_again_at_once(broker_config, queues, services):
