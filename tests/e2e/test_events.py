@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -27,7 +26,7 @@ import api.events
 from app import keys
 from app.keys import WORKFLOWS_WRITE
 from app.timeutil import iso, utcnow
-from tests.conftest import new_key, wait_for
+from tests.conftest import new_key, session_env, wait_for
 
 
 @dataclass
@@ -428,7 +427,7 @@ def gunicorn_api(config: Any, tmp_path: Path) -> Iterator[tuple[str, subprocess.
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k != "BROKER_URL"}
+    env = session_env(config)
     env.update(
         DATABASE_URL=str(config.database_url),
         REDIS_URL=str(config.redis_url),
