@@ -5,6 +5,7 @@ from __future__ import annotations
 import dramatiq
 
 import workers.actions  # noqa: F401  (registers the built-in actions)
+from app import metrics
 from app.config import Config
 from app.services import build_services, configure_logging
 from workers.middleware import ProcessServices
@@ -15,5 +16,6 @@ services = build_services(config, pool_size=16)
 broker = services.queue.broker
 broker.add_middleware(ProcessServices(services))
 dramatiq.set_broker(broker)
+metrics.start_publisher(services.redis, services.namespace)
 
 from workers import actors  # noqa: E402,F401  (must follow set_broker)

@@ -15,6 +15,7 @@ from datetime import datetime
 from sqlalchemy import Select, or_, select
 from sqlalchemy.orm import Session
 
+from app import metrics
 from app.engine import statements as sql
 from app.engine import transitions as move
 from app.engine.reads import definition_for, lock_run, step_row
@@ -36,13 +37,15 @@ def sweep(services: Services, now: datetime | None = None) -> dict[str, int]:
     """One pass of every sweep."""
     now = now or utcnow()
     with services.db.session() as session:
-        return {
+        counts = {
             "resent": sweep_broker_restart(services, session, now),
             "timedOut": sweep_timeouts(services, session, now),
             "approvalsExpired": sweep_approvals(session, now),
             "requeued": sweep_lost_messages(services, session, now),
             "leasesExpired": sweep_dead_workers(services, session, now),
         }
+    metrics.swept(counts)
+    return counts
 
 
 def sweep_timeouts(services: Services, session: Session, now: datetime) -> int:
