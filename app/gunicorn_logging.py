@@ -7,7 +7,7 @@ from typing import Any
 from gunicorn.glogging import Logger
 
 from app.config import Config
-from app.logs import formatter
+from app.logs import ContextFilter, formatter
 
 
 class GunicornLogger(Logger):
@@ -20,4 +20,5 @@ class GunicornLogger(Logger):
             return
         for log in (self.error_log, self.access_log):
             for handler in log.handlers:
+                handler.addFilter(ContextFilter())
                 handler.setFormatter(formatter("json"))

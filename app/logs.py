@@ -60,17 +60,26 @@ def current() -> dict[str, Any]:
     return {name: found[name] for name in FIELDS if name in found}
 
 
+class ContextFilter(logging.Filter):
+    """Copies the context onto each record as it is logged (in the logging thread, so a handler
+    that formats later, elsewhere, still has it); explicit ``extra={...}`` fields win."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        found = _context.get()
+        for name in FIELDS:
+            if name in found and getattr(record, name, None) is None:
+                setattr(record, name, found[name])
+        if not hasattr(record, "redact"):
+            record.redact = found.get(_REDACT, ())
+        return True
+
+
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
-    values = current()
-    for name in FIELDS:  # explicit ``extra={...}`` wins over the context
-        explicit = getattr(record, name, None)
-        if explicit is not None:
-            values[name] = explicit
-    return values
+    return {name: getattr(record, name) for name in FIELDS if getattr(record, name, None) is not None}
 
 
-def _redact(text: str) -> str:
-    return redaction.text(text, _context.get().get(_REDACT, ()))
+def _redact(record: logging.LogRecord, text: str) -> str:
+    return redaction.text(text, getattr(record, "redact", ()))
 
 
 class JsonFormatter(logging.Formatter):
@@ -81,13 +90,13 @@ class JsonFormatter(logging.Formatter):
             "ts": iso(datetime.fromtimestamp(record.created, timezone.utc)),
             "level": record.levelname,
             "logger": record.name,
-            "message": _redact(record.getMessage()),
+            "message": _redact(record, record.getMessage()),
             **_fields(record),
         }
         if record.exc_info:
-            entry["exc_info"] = _redact(self.formatException(record.exc_info))
+            entry["exc_info"] = _redact(record, self.formatException(record.exc_info))
         if record.stack_info:
-            entry["stack_info"] = _redact(self.formatStack(record.stack_info))
+            entry["stack_info"] = _redact(record, self.formatStack(record.stack_info))
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
@@ -104,7 +113,7 @@ class TextFormatter(logging.Formatter):
             pairs = " ".join(f"{k}={v}" for k, v in fields.items())
             first, newline, rest = line.partition("\n")
             line = f"{first} [{pairs}]{newline}{rest}"
-        return _redact(line)
+        return _redact(record, line)
 
 
 def formatter(fmt: str) -> logging.Formatter:
@@ -121,6 +130,7 @@ def setup_logging(config: Config, *, fmt: str | None = None) -> None:
     for handler in [h for h in root.handlers if isinstance(h, _BatonHandler)]:
         root.removeHandler(handler)
     handler = _BatonHandler()
+    handler.addFilter(ContextFilter())
     handler.setFormatter(formatter(fmt or config.log_format))
     root.addHandler(handler)
     root.setLevel(config.log_level)
