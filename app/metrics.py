@@ -154,11 +154,13 @@ def _keys(namespace: str) -> tuple[str, str, str]:
 
 
 # Times are the Redis server's (TIME), so machines with skewed clocks agree on who is stale.
-# KEYS: index, live hash, tombstone; ARGV: id, ttl, then series/value pairs. 0 when folded.
+# KEYS: index, live hash, tombstone; ARGV: id, ttl, whether the hash should exist, then the
+# series/value pairs that changed (series never leave a registry, so the hash is only updated).
+# 0: folded by a scrape; 2: the hash is gone (Redis restarted empty), send everything again.
 _WRITE = """
 if redis.call('exists', KEYS[3]) == 1 then return 0 end
-redis.call('del', KEYS[2])
-for i = 3, #ARGV, 2 do redis.call('hset', KEYS[2], ARGV[i], ARGV[i + 1]) end
+if ARGV[3] == '1' and redis.call('exists', KEYS[2]) == 0 then return 2 end
+for i = 4, #ARGV, 2 do redis.call('hset', KEYS[2], ARGV[i], ARGV[i + 1]) end
 redis.call('expire', KEYS[2], ARGV[2])
 redis.call('zadd', KEYS[1], redis.call('time')[1], ARGV[1])
 return 1
@@ -246,10 +248,16 @@ class Publisher:
 
     def _write(self, current: dict[Series, float]) -> bool:
         index, live, _retired, tomb = self._proc_keys()
-        args: list[Any] = [self.id, int(LIVE_TTL_S)]
-        for key, value in current.items():
-            args += [key, repr(value)]
-        if not self.redis.eval(_WRITE, 3, index, live, tomb, *args):
+        for _ in range(2):
+            args: list[Any] = [self.id, int(LIVE_TTL_S), "1" if self.published else "0"]
+            for key, value in current.items():
+                if self.published.get(key) != value:  # an idle process only says it is alive
+                    args += [key, repr(value)]
+            written = self.redis.eval(_WRITE, 3, index, live, tomb, *args)
+            if written != 2:
+                break
+            self.published = {}
+        if not written:
             return False
         self.published = current
         return True
@@ -385,7 +393,10 @@ def families(totals: dict[Series, float], registry: CollectorRegistry = REGISTRY
     known = _families(registry)
     grouped: dict[str, list[tuple[str, list[list[str]], float]]] = defaultdict(list)
     for key, value in totals.items():
-        name, labels = json.loads(key)
+        try:
+            name, labels = json.loads(key)
+        except ValueError:  # not a series this code wrote
+            continue
         if name in known:
             grouped[known[name][0]].append((name, labels, value))
     meta = {family: (kind, doc) for family, kind, doc in known.values()}

@@ -120,3 +120,17 @@ def test_counts_wait_for_the_commit_and_a_rollback_counts_nothing(services):
         assert seen == []
         session.commit()
     assert seen == ["committed"]
+
+
+def test_an_idle_process_only_says_it_is_alive_and_resends_all_after_redis_lost_it(services, namespace):
+    one = Process(services, namespace)
+    one.started.labels("wf_a").inc(2)
+    one.publisher.publish()
+    live_hash = f"{namespace}:metrics:proc:{one.publisher.id}"
+    services.redis.hset(live_hash, "marker", "1")  # an unchanged publish rewrites nothing
+    one.publisher.publish()
+    assert services.redis.hget(live_hash, "marker") == b"1"
+
+    services.redis.delete(live_hash)  # as after a Redis restart without persistence
+    one.publisher.publish()
+    assert merged(services, namespace)[STARTED] == 2
