@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import update
 
 import tests.e2e.metrics_actions  # noqa: F401  (the API validates workflows that use them)
-from app import keys
+from app import keys, logs
 from app.config import Config
 from app.factory import create_app
 from app.queue import StepQueue, make_broker
@@ -144,8 +144,9 @@ def test_worker_and_scheduler_processes_series_reach_the_api(
     workers = start("worker", "-p", "2", "-t", "2")
     scheduler = start("scheduler")
     wid = _workflow(make_workflow)
+    # Its deadline passes while the step runs, so the scheduler's sweep (not a claim) times it out.
     slow = make_workflow(
-        [{"id": "nap", "action": "test.metrics-sleep", "input": {"seconds": 3}}], timeoutMs=500
+        [{"id": "nap", "action": "test.metrics-sleep", "input": {"seconds": 8}}], timeoutMs=4000
     )
     before, _ = scrape(client)
 
@@ -270,3 +271,14 @@ def test_queue_gauges_come_from_the_database(make_workflow, trigger, client, hea
     assert value(samples, "baton_queue_depth") >= 1
     assert value(samples, "baton_queue_oldest_age_seconds") >= 300
     assert client.post(f"/api/v1/runs/{run['id']}/cancel", headers=headers).status_code == 200
+
+
+def test_api_requests_log_with_their_company_and_run(app, headers, module_services):
+    with module_services.db.session() as session:
+        company_id = keys.authenticate(session, headers["x-api-key"]).company_id
+    with app.test_request_context("/api/v1/runs/run_ctx", headers=headers):
+        app.preprocess_request()
+        assert logs.current() == {"run_id": "run_ctx", "company_id": company_id}
+    with app.test_request_context("/healthz"):  # the same thread serves another request
+        app.preprocess_request()
+        assert logs.current() == {}
