@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 
 from api import context
 from api.docs import public_errors
+from api.schemas.common import ErrorEnvelopeSchema
 from app import logs, metrics
 from app.errors import Unauthorized
 from app.services import Services
@@ -24,6 +25,7 @@ from models.states import StepStatus
 blp = Blueprint("metrics", __name__, description="Prometheus metrics")
 STARTED = "baton.request_started"
 UNMATCHED = "unmatched"  # the route label of a request no URL rule matched (bounded, unlike paths)
+UNAUTHORIZED = "UNAUTHORIZED: BATON_METRICS_TOKEN is set and the Bearer token is missing or wrong"
 TEXT = {
     "description": "Prometheus text exposition format (version 0.0.4)",
     "content": {"text/plain": {"schema": {"type": "string"}}},
@@ -73,7 +75,8 @@ def _check_token(token: str | None) -> None:
 @blp.route("/metrics")
 class Metrics(MethodView):
     @blp.doc(security=[], responses={"200": TEXT})
-    @public_errors(blp, 401, 503)
+    @public_errors(blp, 503)
+    @blp.alt_response(401, schema=ErrorEnvelopeSchema, description=UNAUTHORIZED)
     def get(self) -> Response:
         """Prometheus metrics of the API, the workers and the scheduler (Bearer token if configured)."""
         services = context.services()

@@ -143,6 +143,9 @@ def test_worker_and_scheduler_processes_series_reach_the_api(
 ):
     workers = start("worker", "-p", "2", "-t", "2")
     scheduler = start("scheduler")
+    # Ready before the runs: a step claimed after its run's deadline ends the run at the claim.
+    wait_for(lambda: workers.text().count("ready after") == 2, 60, f"workers ready\n{workers.text()}")
+    wait_for(lambda: "is the leader" in scheduler.text(), 60, f"scheduler leads\n{scheduler.text()}")
     wid = _workflow(make_workflow)
     # Its deadline passes while the step runs, so the scheduler's sweep (not a claim) times it out.
     slow = make_workflow(
@@ -199,6 +202,7 @@ def test_worker_logs_are_json_lines_with_the_step_context_and_no_secret(
         [{"id": "crashes", "action": "test.metrics-crash", "input": {"token": "{{ secrets.METRICS_TOKEN }}"}}]
     )
     workers = start("worker", "-p", "1", "-t", "2")
+    wait_for(lambda: "ready after" in workers.text(), 60, f"worker ready\n{workers.text()}")
     run = trigger(wid)
     done = wait_run(run["id"], timeout=60)
     assert done["status"] == "failed"
