@@ -91,6 +91,10 @@ def _start_request() -> None:
     logs.bind(run_id=(request.view_args or {}).get("run_id"))
 
 
+def _end_request(_error: BaseException | None) -> None:
+    logs.clear()  # nothing of this request's context reaches what the thread logs next
+
+
 def _observe(response: Response) -> Response:
     started = request.environ.get(STARTED)
     if started is not None:
@@ -106,4 +110,5 @@ def init_app(app: Flask, api: Api) -> None:
     """Register ``/metrics`` and time every request (call before other ``before_request`` hooks)."""
     app.before_request(_start_request)
     app.after_request(_observe)
+    app.teardown_request(_end_request)
     api.register_blueprint(blp)

@@ -282,6 +282,9 @@ def test_api_requests_log_with_their_company_and_run(app, headers, module_servic
     with app.test_request_context("/api/v1/runs/run_ctx", headers=headers):
         app.preprocess_request()
         assert logs.current() == {"run_id": "run_ctx", "company_id": company_id}
-    with app.test_request_context("/healthz"):  # the same thread serves another request
+    assert logs.current() == {}  # the request ended: the thread that served it logs without it
+    token = logs.bind(company_id="co_left_behind")
+    with app.test_request_context("/healthz"):  # even a leftover never reaches another request
         app.preprocess_request()
         assert logs.current() == {}
+    logs.reset(token)

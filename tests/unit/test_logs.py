@@ -18,6 +18,7 @@ from app.config import Config
 @pytest.fixture
 def capture() -> Iterator[tuple[logging.Logger, io.StringIO, logging.Handler]]:
     """A logger of its own writing through Baton's filter and formatter into a buffer."""
+    logs.clear()
     buffer = io.StringIO()
     handler = logging.StreamHandler(buffer)
     handler.addFilter(logs.ContextFilter())
