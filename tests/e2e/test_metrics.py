@@ -22,16 +22,18 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import update
+from sqlalchemy import text, update
 
 import tests.e2e.metrics_actions  # noqa: F401  (the API validates workflows that use them)
 from app import keys, logs
 from app.config import Config
+from app.db import Database
 from app.factory import create_app
+from app.migrate import upgrade
 from app.queue import StepQueue, make_broker
 from app.timeutil import utcnow
 from models import StepRun
-from tests.conftest import wait_for
+from tests.conftest import SCHEMA, new_key, wait_for
 
 BATON = str(Path(sys.executable).with_name("baton"))
 ACTIONS = "tests.e2e.metrics_actions"
@@ -40,21 +42,51 @@ SECRET = f"tok-{uuid.uuid4().hex}"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
+MODULE_SCHEMA = f"{SCHEMA}_metrics"
+
+
 @pytest.fixture(scope="module")
 def module_config(config: Config) -> Config:
-    return config.with_overrides(queue_namespace=f"{config.queue_namespace}-metrics")
+    """A schema and a namespace of this module's own: the scheduler started here sweeps only the
+    runs made here (the session's schema holds other tests' queued steps, which it would re-send)."""
+    return config.with_overrides(
+        database_url=str(config.database_url).replace(SCHEMA, MODULE_SCHEMA),
+        queue_namespace=f"{config.queue_namespace}-metrics",
+    )
 
 
 @pytest.fixture(scope="module")
 def module_services(module_config: Config, services: Any) -> Iterator[Any]:
+    db = Database(module_config, pool_size=5)
+    with db.engine.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {MODULE_SCHEMA}"))
+    upgrade(db)
     broker = make_broker(module_config)
-    svc = dataclasses.replace(services, queue=StepQueue(broker), namespace=module_config.queue_namespace)
-    # Not a fresh Redis: the scheduler must not re-send every queued step of the session's schema.
+    svc = dataclasses.replace(
+        services,
+        db=db,
+        queue=StepQueue(broker),
+        namespace=module_config.queue_namespace,
+        config=module_config,
+    )
+    # Not a fresh Redis: a scheduler re-sends every queued step when it finds no epoch.
     services.redis.set(svc.key("epoch"), "set-by-test")
     yield svc
     for key in services.redis.scan_iter(f"{module_config.queue_namespace}:*"):
         services.redis.delete(key)
     broker.close()
+    db.dispose()
+    with services.db.engine.begin() as conn:
+        conn.execute(
+            text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = :name"),
+            {"name": MODULE_SCHEMA},
+        )
+        conn.execute(text(f"DROP SCHEMA IF EXISTS {MODULE_SCHEMA} CASCADE"))
+
+
+@pytest.fixture
+def api_key(module_services: Any) -> str:
+    return new_key(module_services)
 
 
 @pytest.fixture(scope="module")
