@@ -12,15 +12,18 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text, update
 
@@ -139,7 +142,8 @@ def start(module_config: Config, tmp_path: Path) -> Iterator[Callable[..., Proce
             BATON_LOG_LEVEL="INFO",
         )
         log = tmp_path / f"{args[0]}-{len(started)}.log"
-        with open(log, "wb") as out:
+        # Appending: gunicorn reopens /dev/stderr for its access log, and both must add, not overwrite.
+        with open(log, "ab") as out:
             proc = subprocess.Popen(
                 [BATON, *args], env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
             )
@@ -320,3 +324,48 @@ def test_api_requests_log_with_their_company_and_run(app, headers, module_servic
         app.preprocess_request()
         assert logs.current() == {}
     logs.reset(token)
+
+
+def test_every_gunicorn_worker_is_counted_and_retired_on_stop(start, client, module_services):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    readyz = {"route": "/readyz", "method": "GET", "status": "200"}  # only the load below asks it
+    name = "baton_http_request_duration_seconds_count"
+    before, _ = scrape(client)
+    api = start("api", "--port", str(port), "--workers", "2")
+    base = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        try:
+            return requests.get(f"{base}/healthz", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    wait_for(answers, 60, f"the API answers\n{api.text()}")
+    with ThreadPoolExecutor(8) as pool:  # concurrent connections, so both gunicorn workers serve
+        codes = list(pool.map(lambda _: requests.get(f"{base}/readyz", timeout=30).status_code, range(40)))
+    assert codes == [200] * 40
+
+    def counted() -> float:
+        text = requests.get(f"{base}/metrics", timeout=10).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == readyz:
+                    return sample.value
+        return 0.0
+
+    # Whichever worker answers the scrape, it shows the other's requests too (2 s snapshots).
+    wait_for(lambda: counted() == 40, 20, f"both workers' requests: {counted()}\n{api.text()[-2000:]}")
+    pids = {
+        m.split(b":")[1] for m in module_services.redis.zrange(module_services.key("metrics", "live"), 0, -1)
+    }
+    print(f"processes with a live snapshot while the API ran: {len(pids)}")
+    api.proc.send_signal(signal.SIGTERM)
+    assert api.proc.wait(timeout=40) == 0
+    # Stopped, the workers' counts are in the retired totals: this process still reports them.
+    after, _ = scrape(client)
+    assert value(after, name, **readyz) - value(before, name, **readyz) == 40, pids
+    not_json = [line for line in api.text().splitlines() if line.strip() and not line.startswith("{")]
+    assert not not_json, not_json
+    assert all(json.loads(line)["logger"] for line in api.text().splitlines() if line.strip())
