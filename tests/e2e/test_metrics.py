@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -36,7 +35,7 @@ from app.migrate import upgrade
 from app.queue import StepQueue, make_broker
 from app.timeutil import utcnow
 from models import StepRun
-from tests.conftest import SCHEMA, new_key, wait_for
+from tests.conftest import SCHEMA, new_key, session_env, wait_for
 
 BATON = str(Path(sys.executable).with_name("baton"))
 ACTIONS = "tests.e2e.metrics_actions"
@@ -132,7 +131,7 @@ def start(module_config: Config, tmp_path: Path) -> Iterator[Callable[..., Proce
     started: list[Process] = []
 
     def run(*args: str) -> Process:
-        env = {k: v for k, v in os.environ.items() if k != "BROKER_URL"}
+        env = session_env(module_config)  # the session's broker (RabbitMQ in CI's second pass)
         env.update(
             DATABASE_URL=str(module_config.database_url),
             REDIS_URL=str(module_config.redis_url),
