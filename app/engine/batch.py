@@ -4,27 +4,25 @@ request order. Idempotency is the single trigger's: the same key and input repla
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert, select, text, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import events
 from app.engine import statements as sql
-from app.engine.reads import definition_for, get_workflow
+from app.engine.reads import definition_for, workflow_ref
 from app.engine.states import STUCK_AFTER
-from app.engine.trigger import IDEMPOTENCY_TTL, request_hash
+from app.engine.trigger import IDEMPOTENCY_TTL, first_step_row, insert_new_runs, new_run, request_hash
 from app.ids import new_id
 from app.services import Services
 from app.timeutil import utcnow
 from models import Run, StepRun
-from models.states import RunStatus, StepStatus
+from models.states import StepStatus
 
 logger = logging.getLogger("baton.engine")
 MAX_ITEMS = 1000
@@ -33,30 +31,6 @@ CREATED, REPLAYED, INVALID = "created", "replayed", "invalid"
 # A concurrent request may take one of the batch's keys between our read and our commit: the
 # next pass sees it as used. Each pass can lose only to keys committed since the previous one.
 _PASSES = 3
-
-# One statement per table, whatever the batch size: the per-run values travel as arrays.
-_INSERT_RUNS = text(
-    """
-    INSERT INTO runs (id, company_id, workflow_key, workflow_id, workflow_version, status,
-                      trigger_type, input, created_at, deadline_at, idempotency_key, idempotency_hash)
-    SELECT t.id, :company_id, :workflow_key, :workflow_id, :version, :status, :trigger_type,
-           CAST(t.input AS jsonb), :now, :deadline, t.ikey, t.ihash
-    FROM unnest(CAST(:ids AS text[]), CAST(:inputs AS text[]), CAST(:ikeys AS text[]),
-                CAST(:ihashes AS text[])) AS t(id, input, ikey, ihash)
-    """
-)
-_INSERT_STEPS = text(
-    """
-    INSERT INTO step_runs (run_id, step_id, position, status, attempt, queued_at, reused)
-    SELECT r.id, s.step_id, s.position,
-           CASE WHEN s.position = 0 THEN :queued ELSE :pending END,
-           CASE WHEN s.position = 0 THEN 1 ELSE 0 END,
-           CASE WHEN s.position = 0 THEN CAST(:now AS timestamptz) END,
-           false
-    FROM unnest(CAST(:ids AS text[])) AS r(id)
-    CROSS JOIN unnest(CAST(:step_ids AS text[]), CAST(:positions AS int[])) AS s(step_id, position)
-    """
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,32 +98,20 @@ def _insert(
 ) -> tuple[dict[int, ItemResult], list[tuple[str, str, int, str]]]:
     """One transaction: look up the keys, insert the new runs and their steps, note their events."""
     with services.db.session() as session:
-        workflow = get_workflow(session, company_id, workflow_id)
+        workflow = workflow_ref(session, company_id, workflow_id)
         definition = definition_for(session, workflow.key, workflow.current_version)
         decided, new = _decide(session, workflow.key, items)
         now = utcnow()
-        timeout = definition.get("timeoutMs")
-        runs = [
-            Run(
-                id=run_id,
-                company_id=company_id,
-                workflow_key=workflow.key,
-                workflow_id=workflow.id,
-                workflow_version=workflow.current_version,
-                status=RunStatus.PENDING,
-                trigger_type=trigger_type,
-                input=item.input,
-                created_at=now,
-                deadline_at=now + timedelta(milliseconds=timeout) if timeout else None,
-                idempotency_key=item.key,
-                idempotency_hash=item.fingerprint if item.key else None,
-            )
-            for run_id, item in new
-        ]
+        runs = []
+        for run_id, item in new:
+            run = new_run(company_id, workflow, definition, item.input, trigger_type, now, run_id)
+            if item.key is not None:
+                run.idempotency_key, run.idempotency_hash = item.key, item.fingerprint
+            runs.append(run)
         if runs:
             step_ids = [step["id"] for step in definition["steps"]]
-            _insert_rows(session, runs, step_ids, now)
-            first = {"step_id": step_ids[0], "status": StepStatus.QUEUED, "attempt": 1}
+            insert_new_runs(session, runs, step_ids, now)
+            first = first_step_row(step_ids[0])
             for run in runs:
                 events.note_created(session, run, [first])
         session.commit()
@@ -192,62 +154,6 @@ def _decide(
         new.append((run_id, item))
         decided[item.index] = ItemResult(CREATED, run_id)
     return decided, new
-
-
-def _insert_rows(session: Session, runs: list[Run], step_ids: list[str], now: datetime) -> None:
-    """The runs in one statement and all their steps in another (arrays on PostgreSQL)."""
-    if session.get_bind().dialect.name != "postgresql":
-        _insert_rows_portable(session, runs, step_ids, now)
-        return
-    first = runs[0]
-    session.execute(
-        _INSERT_RUNS,
-        {
-            "company_id": first.company_id,
-            "workflow_key": first.workflow_key,
-            "workflow_id": first.workflow_id,
-            "version": first.workflow_version,
-            "status": RunStatus.PENDING.value,
-            "trigger_type": first.trigger_type,
-            "now": now,
-            "deadline": first.deadline_at,
-            "ids": [run.id for run in runs],
-            "inputs": [json.dumps(run.input) for run in runs],
-            "ikeys": [run.idempotency_key for run in runs],
-            "ihashes": [run.idempotency_hash for run in runs],
-        },
-    )
-    session.execute(
-        _INSERT_STEPS,
-        {
-            "queued": StepStatus.QUEUED.value,
-            "pending": StepStatus.PENDING.value,
-            "now": now,
-            "ids": [run.id for run in runs],
-            "step_ids": step_ids,
-            "positions": list(range(len(step_ids))),
-        },
-    )
-
-
-def _insert_rows_portable(session: Session, runs: list[Run], step_ids: list[str], now: datetime) -> None:
-    """SQLite (the embedded default): the same rows through executemany."""
-    columns = [c.key for c in Run.__table__.columns]
-    session.execute(insert(Run), [{name: getattr(run, name) for name in columns} for run in runs])
-    steps = [
-        {
-            "run_id": run.id,
-            "step_id": step_id,
-            "position": position,
-            "status": StepStatus.QUEUED if position == 0 else StepStatus.PENDING,
-            "attempt": 1 if position == 0 else 0,
-            "queued_at": now if position == 0 else None,
-            "reused": False,
-        }
-        for run in runs
-        for position, step_id in enumerate(step_ids)
-    ]
-    session.execute(insert(StepRun), steps)
 
 
 def _dispatch(services: Services, created: list[tuple[str, str, int, str]]) -> None:

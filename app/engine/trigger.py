@@ -10,13 +10,13 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import events
 from app.engine import statements as sql
-from app.engine.reads import definition_for, get_workflow
+from app.engine.reads import WorkflowRef, definition_for, workflow_ref
 from app.engine.states import STUCK_AFTER
 from app.errors import Conflict
 from app.errors import ValidationError as BatonValidationError
@@ -27,6 +27,30 @@ from models import Run, StepRun
 from models.states import RunStatus, StepStatus
 
 logger = logging.getLogger("baton.engine")
+# One statement per table, whatever the batch size: the per-run values travel as arrays.
+_INSERT_RUNS = text(
+    """
+    INSERT INTO runs (id, company_id, workflow_key, workflow_id, workflow_version, status,
+                      trigger_type, input, created_at, deadline_at, idempotency_key, idempotency_hash)
+    SELECT t.id, :company_id, :workflow_key, :workflow_id, :version, :status, :trigger_type,
+           CAST(t.input AS jsonb), :now, :deadline, t.ikey, t.ihash
+    FROM unnest(CAST(:ids AS text[]), CAST(:inputs AS text[]), CAST(:ikeys AS text[]),
+                CAST(:ihashes AS text[])) AS t(id, input, ikey, ihash)
+    """
+)
+_INSERT_STEPS = text(
+    """
+    INSERT INTO step_runs (run_id, step_id, position, status, attempt, queued_at, reused)
+    SELECT r.id, s.step_id, s.position,
+           CASE WHEN s.position = 0 THEN :queued ELSE :pending END,
+           CASE WHEN s.position = 0 THEN 1 ELSE 0 END,
+           CASE WHEN s.position = 0 THEN CAST(:now AS timestamptz) END,
+           false
+    FROM unnest(CAST(:ids AS text[])) AS r(id)
+    CROSS JOIN unnest(CAST(:step_ids AS text[]), CAST(:positions AS int[])) AS s(step_id, position)
+    """
+)
+
 IDEMPOTENCY_TTL = timedelta(hours=24)
 Build = Callable[[Session], tuple[Run, str]]
 
@@ -53,26 +77,59 @@ def trigger_run(
     if not isinstance(run_input, dict):
         raise BatonValidationError("input must be a JSON object", details={"input": ["Not a valid object."]})
     fingerprint = fingerprint or request_hash({"input": run_input, "triggerType": trigger_type})
+    found: list[WorkflowRef] = []
+
+    def workflow(session: Session) -> WorkflowRef:
+        """Looked up once per request, by whichever needs it first."""
+        if not found:
+            found.append(workflow_ref(session, company_id, workflow_id))
+        return found[0]
 
     def build(session: Session) -> tuple[Run, str]:
-        workflow = get_workflow(session, company_id, workflow_id)
-        definition = definition_for(session, workflow.key, workflow.current_version)
-        run = insert_run(
-            session,
-            company_id,
-            workflow.key,
-            workflow.id,
-            workflow.current_version,
-            definition,
-            run_input,
-            trigger_type,
-        )
-        return run, definition["steps"][0]["id"]
+        ref = workflow(session)
+        definition = definition_for(session, ref.key, ref.current_version)
+        run = new_run(company_id, ref, definition, run_input, trigger_type, utcnow())
+        # The key goes in with the row (create_run sets it on the object too, which stays unsaved).
+        if idempotency_key:
+            run.idempotency_key, run.idempotency_hash = idempotency_key, fingerprint
+        step_ids = [step["id"] for step in definition["steps"]]
+        insert_new_runs(session, [run], step_ids, run.created_at)
+        events.note_created(session, run, [first_step_row(step_ids[0])])
+        return run, step_ids[0]
 
-    def scope(session: Session) -> str:
-        return get_workflow(session, company_id, workflow_id).key
+    return create_run(services, idempotency_key, fingerprint, build, lambda session: workflow(session).key)
 
-    return create_run(services, idempotency_key, fingerprint, build, scope)
+
+def new_run(
+    company_id: str,
+    workflow: WorkflowRef,
+    definition: dict[str, Any],
+    run_input: Any,
+    trigger_type: str,
+    now: datetime,
+    run_id: str | None = None,
+) -> Run:
+    """A pending run of the workflow's current version, not yet in any session (see insert_new_runs)."""
+    timeout = definition.get("timeoutMs")
+    return Run(
+        id=run_id or new_id("run"),
+        company_id=company_id,
+        workflow_key=workflow.key,
+        workflow_id=workflow.id,
+        workflow_version=workflow.current_version,
+        status=RunStatus.PENDING,
+        trigger_type=trigger_type,
+        input=run_input,
+        created_at=now,
+        deadline_at=now + timedelta(milliseconds=timeout) if timeout else None,
+        idempotency_key=None,
+        idempotency_hash=None,
+    )
+
+
+def first_step_row(step_id: str) -> dict[str, Any]:
+    """What ``events.note_created`` needs of a new run's queued first step."""
+    return {"step_id": step_id, "status": StepStatus.QUEUED, "attempt": 1}
 
 
 def create_run(
@@ -92,10 +149,10 @@ def create_run(
             existing = idempotent_run(session, workflow_key, idempotency_key, fingerprint)
             if existing is not None:
                 return existing, False
-        run, first_step = build(session)
-        if idempotency_key:
-            run.idempotency_key, run.idempotency_hash = idempotency_key, fingerprint
         try:
+            run, first_step = build(session)
+            if idempotency_key:
+                run.idempotency_key, run.idempotency_hash = idempotency_key, fingerprint
             session.commit()
         except IntegrityError:
             # A concurrent request with the same Idempotency-Key won the insert.
@@ -181,6 +238,63 @@ def insert_run(
     session.execute(insert(StepRun), rows)
     events.note_created(session, run, rows)
     return run
+
+
+def insert_new_runs(session: Session, runs: list[Run], step_ids: list[str], now: datetime) -> None:
+    """New runs of one workflow version (from :func:`new_run`) in one statement and all their steps in
+    another, the first queued (arrays on PostgreSQL; no ORM flush)."""
+    if session.get_bind().dialect.name != "postgresql":
+        _insert_portable(session, runs, step_ids, now)
+        return
+    first = runs[0]
+    session.execute(
+        _INSERT_RUNS,
+        {
+            "company_id": first.company_id,
+            "workflow_key": first.workflow_key,
+            "workflow_id": first.workflow_id,
+            "version": first.workflow_version,
+            "status": RunStatus.PENDING.value,
+            "trigger_type": first.trigger_type,
+            "now": now,
+            "deadline": first.deadline_at,
+            "ids": [run.id for run in runs],
+            "inputs": [json.dumps(run.input) for run in runs],
+            "ikeys": [run.idempotency_key for run in runs],
+            "ihashes": [run.idempotency_hash for run in runs],
+        },
+    )
+    session.execute(
+        _INSERT_STEPS,
+        {
+            "queued": StepStatus.QUEUED.value,
+            "pending": StepStatus.PENDING.value,
+            "now": now,
+            "ids": [run.id for run in runs],
+            "step_ids": step_ids,
+            "positions": list(range(len(step_ids))),
+        },
+    )
+
+
+def _insert_portable(session: Session, runs: list[Run], step_ids: list[str], now: datetime) -> None:
+    """SQLite (the embedded default): the same rows through executemany."""
+    columns = [c.key for c in Run.__table__.columns]
+    session.execute(insert(Run), [{name: getattr(run, name) for name in columns} for run in runs])
+    steps = [
+        {
+            "run_id": run.id,
+            "step_id": step_id,
+            "position": position,
+            "status": StepStatus.QUEUED if position == 0 else StepStatus.PENDING,
+            "attempt": 1 if position == 0 else 0,
+            "queued_at": now if position == 0 else None,
+            "reused": False,
+        }
+        for run in runs
+        for position, step_id in enumerate(step_ids)
+    ]
+    session.execute(insert(StepRun), steps)
 
 
 def _step_row(

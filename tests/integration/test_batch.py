@@ -4,11 +4,13 @@ broker that is down; a concurrent request that takes a key first."""
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
+import pytest
 from sqlalchemy import func, select, update
 
 from app import engine
-from app.engine import sweeps
+from app.engine import batch, sweeps
 from app.engine.batch import trigger_batch
 from app.engine.states import STUCK_AFTER
 from app.services import Services
@@ -57,27 +59,21 @@ def test_an_expired_key_makes_a_new_run_and_releases_the_old_one(e: Engine) -> N
     assert e.run(result.run_id).idempotency_key == key
 
 
-def test_a_key_taken_by_a_concurrent_commit_is_replayed(e: Engine) -> None:
-    """The unique index refuses the whole batch; the next pass sees the key as used."""
+def test_a_key_taken_by_a_concurrent_commit_is_replayed(e: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The unique index refuses the whole pass; the next pass sees the key as used."""
     wid = e.workflow(step("a"))
     key = unique()
     taken: list[str] = []
+    insert = batch.insert_new_runs
 
-    def take_key_first(session, *args, **kwargs):  # the other request commits between read and write
+    def another_request_commits_first(*args: Any) -> None:  # between this pass's read and its insert
         if not taken:
             taken.append(e.trigger(wid, {"n": 1}, idempotency_key=key))
-        return original(session, *args, **kwargs)
+        insert(*args)
 
-    from app.engine import batch
-
-    original = batch._insert_rows
-    batch._insert_rows = take_key_first
-    try:
-        results = trigger_batch(
-            e.services, e.company_id, wid, [{"input": {"n": 0}}, {"input": {"n": 1}, "idempotencyKey": key}]
-        )
-    finally:
-        batch._insert_rows = original
+    monkeypatch.setattr(batch, "insert_new_runs", another_request_commits_first)
+    items = [{"input": {"n": 0}}, {"input": {"n": 1}, "idempotencyKey": key}]
+    results = trigger_batch(e.services, e.company_id, wid, items)
     assert [r.status for r in results] == ["created", "replayed"]
     assert results[1].run_id == taken[0]
     with e.services.db.session() as session:
