@@ -27,26 +27,27 @@ from models import Run, StepRun
 from models.states import RunStatus, StepStatus
 
 logger = logging.getLogger("baton.engine")
-# One statement per table, whatever the batch size: the per-run values travel as arrays.
-_INSERT_RUNS = text(
+# New runs and all their steps in one statement, whatever their number: the per-run values travel
+# as arrays, and the steps' foreign key is checked at the end of the statement, after both inserts.
+_INSERT_RUNS_AND_STEPS = text(
     """
-    INSERT INTO runs (id, company_id, workflow_key, workflow_id, workflow_version, status,
-                      trigger_type, input, created_at, deadline_at, idempotency_key, idempotency_hash)
-    SELECT t.id, :company_id, :workflow_key, :workflow_id, :version, :status, :trigger_type,
-           CAST(t.input AS jsonb), :now, :deadline, t.ikey, t.ihash
-    FROM unnest(CAST(:ids AS text[]), CAST(:inputs AS text[]), CAST(:ikeys AS text[]),
-                CAST(:ihashes AS text[])) AS t(id, input, ikey, ihash)
-    """
-)
-_INSERT_STEPS = text(
-    """
+    WITH new_runs AS (
+        INSERT INTO runs (id, company_id, workflow_key, workflow_id, workflow_version, status,
+                          trigger_type, input, created_at, deadline_at, idempotency_key,
+                          idempotency_hash)
+        SELECT t.id, :company_id, :workflow_key, :workflow_id, :version, :status, :trigger_type,
+               CAST(t.input AS jsonb), :now, :deadline, t.ikey, t.ihash
+        FROM unnest(CAST(:ids AS text[]), CAST(:inputs AS text[]), CAST(:ikeys AS text[]),
+                    CAST(:ihashes AS text[])) AS t(id, input, ikey, ihash)
+        RETURNING id
+    )
     INSERT INTO step_runs (run_id, step_id, position, status, attempt, queued_at, reused)
     SELECT r.id, s.step_id, s.position,
            CASE WHEN s.position = 0 THEN :queued ELSE :pending END,
            CASE WHEN s.position = 0 THEN 1 ELSE 0 END,
            CASE WHEN s.position = 0 THEN CAST(:now AS timestamptz) END,
            false
-    FROM unnest(CAST(:ids AS text[])) AS r(id)
+    FROM new_runs AS r
     CROSS JOIN unnest(CAST(:step_ids AS text[]), CAST(:positions AS int[])) AS s(step_id, position)
     """
 )
@@ -241,14 +242,14 @@ def insert_run(
 
 
 def insert_new_runs(session: Session, runs: list[Run], step_ids: list[str], now: datetime) -> None:
-    """New runs of one workflow version (from :func:`new_run`) in one statement and all their steps in
-    another, the first queued (arrays on PostgreSQL; no ORM flush)."""
+    """New runs of one workflow version (from :func:`new_run`) and all their steps, each run's first
+    step queued: one statement on PostgreSQL, no ORM flush."""
     if session.get_bind().dialect.name != "postgresql":
         _insert_portable(session, runs, step_ids, now)
         return
     first = runs[0]
     session.execute(
-        _INSERT_RUNS,
+        _INSERT_RUNS_AND_STEPS,
         {
             "company_id": first.company_id,
             "workflow_key": first.workflow_key,
@@ -262,15 +263,8 @@ def insert_new_runs(session: Session, runs: list[Run], step_ids: list[str], now:
             "inputs": [json.dumps(run.input) for run in runs],
             "ikeys": [run.idempotency_key for run in runs],
             "ihashes": [run.idempotency_hash for run in runs],
-        },
-    )
-    session.execute(
-        _INSERT_STEPS,
-        {
             "queued": StepStatus.QUEUED.value,
             "pending": StepStatus.PENDING.value,
-            "now": now,
-            "ids": [run.id for run in runs],
             "step_ids": step_ids,
             "positions": list(range(len(step_ids))),
         },
