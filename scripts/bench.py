@@ -896,6 +896,13 @@ class Bench:
     def seed(self, count: int) -> dict[str, str]:
         assert self.probe is not None
         workflows = {name: self.api.create_workflow(f"bench-list-{name}", 1) for name in ("a", "b", "c")}
+        # Runs belong to a workflow row (its key); the public id may be reused once deleted.
+        keys = {
+            name: self.probe.one(
+                "SELECT key FROM workflows WHERE company_id = %s AND id = %s", (self.company_id, workflow_id)
+            )[0]
+            for name, workflow_id in workflows.items()
+        }
         chunk = 200_000
         log(f"seeding {count:,} runs (60% / 30% / 10% over 3 workflows; 90% completed, 5% failed, ...)")
         for offset in range(0, count, chunk):
@@ -912,9 +919,11 @@ class Bench:
                                    WHEN s < 0.10 THEN 'timeout' ELSE 'completed' END AS status
                     FROM x
                 ), ins AS (
-                    INSERT INTO runs (id, company_id, workflow_id, workflow_version, status, trigger_type,
-                                      input, output, error, created_at, started_at, completed_at, duration_ms)
+                    INSERT INTO runs (id, company_id, workflow_key, workflow_id, workflow_version, status,
+                                      trigger_type, input, output, error, created_at, started_at,
+                                      completed_at, duration_ms)
                     SELECT 'run_' || gen_random_uuid(), %(company)s,
+                           CASE WHEN w < 0.6 THEN %(ka)s WHEN w < 0.9 THEN %(kb)s ELSE %(kc)s END,
                            CASE WHEN w < 0.6 THEN %(a)s WHEN w < 0.9 THEN %(b)s ELSE %(c)s END,
                            1, status, CASE WHEN g %% 10 = 0 THEN 'webhook' ELSE 'api' END,
                            '{}'::jsonb,
@@ -934,6 +943,7 @@ class Bench:
                     "a": workflows["a"],
                     "b": workflows["b"],
                     "c": workflows["c"],
+                    **{f"k{name}": key for name, key in keys.items()},
                 },
             )
             log(f"seeded {offset + n:,}/{count:,}")
@@ -950,6 +960,28 @@ class Bench:
             dict(params, off=max(0, total - from_end)),
         )
         return cursor_for(row[0], row[1])
+
+    def window_cases(self, co: dict[str, Any], total: int, workflow_id: str) -> dict[str, Any]:
+        """createdAfter/createdBefore: an hour in the middle of the table, alone and with every filter."""
+        assert self.probe is not None
+        middle = self.probe.one(
+            "SELECT created_at FROM runs WHERE company_id = %(co)s "
+            "ORDER BY created_at DESC OFFSET %(off)s LIMIT 1",
+            dict(co, off=total // 2),
+        )[0]
+        window = {
+            "createdAfter": (middle - timedelta(hours=1)).isoformat(),
+            "createdBefore": middle.isoformat(),
+        }
+        return {
+            "1-hour window mid-table": window,
+            "window+workflowId+status+triggerType": {
+                **window,
+                "workflowId": workflow_id,
+                "status": "completed",
+                "triggerType": "api",
+            },
+        }
 
     def list_latency(self) -> None:
         a = self.args
@@ -971,6 +1003,12 @@ class Bench:
             },
             "workflowId+status=failed": {"workflowId": workflows["c"], "status": "failed"},
             "limit=100": {"limit": 100},
+            "triggerType=webhook (10%)": {"triggerType": "webhook"},
+            "triggerType=webhook, deep cursor": {
+                "triggerType": "webhook",
+                "cursor": self.deep_cursor("AND trigger_type = 'webhook'", co, 20),
+            },
+            **self.window_cases(co, total, workflows["c"]),
         }
         log(f"GET /api/v1/runs on {total:,} runs: {len(cases)} cases x {a.list_requests} requests")
         session = self.api.session
