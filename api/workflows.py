@@ -27,7 +27,6 @@ from api.schemas.workflows import (
 )
 from api.webhooks import DeliveryListEnvelope, deliveries_query
 from app import engine, workflows
-from app.engine.batch import trigger_batch
 from app.keys import RUNS_WRITE, WORKFLOWS_WRITE
 from models import WebhookDelivery, Workflow
 
@@ -157,7 +156,7 @@ class WorkflowRunsBatch(MethodView):
         """Trigger up to 1,000 runs at once; each item's result in order: created, replayed or invalid."""
         context.require(RUNS_WRITE)
         args = context.load_body(BatchTriggerSchema())
-        results = trigger_batch(context.services(), context.company_id(), workflow_id, args["items"])
+        results = engine.trigger_batch(context.services(), context.company_id(), workflow_id, args["items"])
         return ok({"items": [r.view() for r in results]}), 202
 
 
