@@ -15,7 +15,7 @@ from sqlalchemy import insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app import events
+from app import events, metrics
 from app.engine import statements as sql
 from app.engine.reads import WorkflowRef, definition_for, workflow_ref
 from app.engine.states import STUCK_AFTER
@@ -188,6 +188,7 @@ def create_run(
             if existing is None:
                 raise
             return existing, False
+    metrics.run_started(run.workflow_id)
     if not send_or_leave_to_sweep(services, run.id, first_step, 1, company_id=run.company_id):
         _mark_unsent(services, run.id, first_step, 1)
     return run, True
