@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app import events
+from app import events, metrics
 from app.engine import statements as sql
 from app.engine.reads import definition_for, workflow_ref
 from app.engine.states import STUCK_AFTER
@@ -89,6 +89,8 @@ def trigger_batch(
         except IntegrityError:
             if attempt == _PASSES - 1:
                 raise
+    if created:
+        metrics.run_started(workflow_id, len(created))
     _dispatch(services, created)
     return [p if isinstance(p, ItemResult) else decided[p.index] for p in parsed]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app import events
+from app import events, metrics
 from tests.conftest import new_key, wait_for
 
 
@@ -140,14 +140,16 @@ def test_another_company_workflow_is_not_found(client, headers, make_workflow, s
     assert missing.status_code == 404
 
 
-def test_batch_created_runs_are_published_as_events(client, headers, make_workflow, services):
+def test_batch_created_runs_are_published_as_events_and_counted(client, headers, make_workflow, services):
     wid = _workflow(make_workflow)
-    response = _batch(client, headers, wid, [{"input": {"n": 1}}, {"input": {"n": 2}}])
-    run_ids = [r["runId"] for r in response.get_json()["data"]["items"]]
+    items = [{"input": {"n": 1}}, {"input": {"n": 2}}, {"input": 3}]
+    response = _batch(client, headers, wid, items)
+    run_ids = [r["runId"] for r in response.get_json()["data"]["items"] if r["status"] == "created"]
+    assert len(run_ids) == 2
     namespace = services.config.queue_namespace
     for run_id in run_ids:
         history = events.history(services.redis, events.run_stream(namespace, run_id))
-        assert [(e.kind, e.payload()["status"]) for e in history[:2]] == [
-            ("run", "pending"),
-            ("step", "queued"),
-        ]
+        first = [(e.kind, e.payload()["status"]) for e in history[:2]]
+        assert first == [("run", "pending"), ("step", "queued")]
+    started = metrics.REGISTRY.get_sample_value("baton_runs_started_total", {"workflow_id": wid})
+    assert started == 2, "created runs count as started, as single triggers do"
