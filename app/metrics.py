@@ -100,8 +100,8 @@ def _after_rollback(session: Session, _previous: Any) -> None:
     session.info.pop(_PENDING, None)
 
 
-def run_started(workflow_id: str) -> None:
-    RUNS_STARTED.labels(workflow_id).inc()
+def run_started(workflow_id: str, count: int = 1) -> None:
+    RUNS_STARTED.labels(workflow_id).inc(count)
 
 
 def run_finished(session: Session, workflow_id: str, status: str) -> None:
