@@ -253,3 +253,60 @@ def release(services: Services, company_id: str, run_id: str) -> None:
         services.redis.zrem(slots_key(services, company_id), run_id)
     except redis.RedisError as exc:
         logger.warning("could not free the step slot of %s (Redis down): %s", run_id, exc)
+
+
+# KEYS: the company's slots, its parked list, the capacity set. ARGV: now, cap (-1 auto), most.
+# Pops parked messages while the company is under its cap (the same cap ``enter`` applies).
+_RESCUE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+local cap = tonumber(ARGV[2])
+if cap < 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[1])
+  local total = 0
+  for _, entry in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
+    total = total + tonumber(string.match(entry, '(%d+)$'))
+  end
+  if total == 0 then
+    cap = 1000000
+  else
+    cap = math.max(1, total - math.max(1, math.floor(total / 4)))
+  end
+end
+local room = math.min(cap - redis.call('ZCARD', KEYS[1]), tonumber(ARGV[3]))
+if room <= 0 then
+  return {}
+end
+local popped = {}
+for _ = 1, room do
+  local message = redis.call('LPOP', KEYS[2])
+  if not message then
+    break
+  end
+  popped[#popped + 1] = message
+end
+return popped
+"""
+_RESCUE_SCRIPT = Script(None, _RESCUE.encode())
+RESCUE_MOST = 100  # messages sent back per company and beat
+
+
+def rescue(services: Services) -> int:
+    """Send parked messages back to the broker for every company under its cap (the heartbeat's
+    safety net: normally the thread that frees a slot takes them, but a holder whose message failed
+    frees its slot without doing so). Returns how many were sent; best effort."""
+    if cap(services) == 0:
+        return 0
+    prefix = parked_key(services, "")
+    sent = 0
+    try:
+        for key in services.redis.scan_iter(match=f"{prefix}*", count=100):
+            company_id = (key.decode() if isinstance(key, bytes) else key)[len(prefix) :]
+            keys = [slots_key(services, company_id), parked_key(services, company_id), capacity_key(services)]
+            args = [time.time(), cap(services), RESCUE_MOST]
+            for body in _RESCUE_SCRIPT(keys=keys, args=args, client=services.redis):
+                run_id, step_id, attempt = json.loads(body)
+                services.queue.enqueue(run_id, step_id, int(attempt), company_id=company_id)
+                sent += 1
+    except redis.RedisError as exc:
+        logger.warning("could not look for parked step messages (Redis down): %s", exc)
+    return sent

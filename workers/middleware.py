@@ -102,6 +102,7 @@ class LeaseHeartbeat:
             held = self.held()
             if self.capacity_entry is not None:
                 slots.register(self.services, self.capacity_entry)
+                slots.rescue(self.services)
             slots.renew(self.services, {(c.company_id, c.run_id) for c, _ in held})
             return engine.renew_leases(self.services, held)
         except Exception:

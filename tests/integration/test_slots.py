@@ -199,3 +199,20 @@ def test_redis_down_fails_open_and_no_cap_makes_no_call(engine_services: Service
         slots.renew(uncapped, [("cmp_x", "run_x")])
         slots.register(uncapped, "host:1:8")
     assert caplog.records == [], "with no cap, Redis is never asked"
+
+
+def test_the_heartbeat_sends_back_parked_messages_a_failed_holder_left(c: Engine, queue: BrokerQueue) -> None:
+    wid = c.workflow(step("a"))
+    runs = [c.trigger(wid) for _ in range(CAP + 2)]
+    for run_id in runs:
+        queue.take(run_id)
+        slots.enter(c.services, message(c, run_id))
+    assert len(parked(c)) == 2
+    assert slots.rescue(c.services) == 0, "at its cap: the holders will take them"
+    for run_id in runs[:CAP]:
+        slots.release(c.services, c.company_id, run_id)  # each holder's message failed: no hand-over
+    assert slots.rescue(c.services) == 2
+    assert parked(c) == []
+    assert [(m.run_id, m.company_id) for r in runs[CAP:] for m in queue.sent(r)] == [
+        (r, c.company_id) for r in runs[CAP:]
+    ]
