@@ -135,17 +135,10 @@ def record_result(services: Services, claim: Claim, outcome: Outcome) -> Next:
 def _record(session: Session, claim: Claim, outcome: Outcome, to: StepStatus, now: datetime) -> bool:
     """The step row and its attempt log, for a finished attempt."""
     finished = to in STEP_FINISHED
-    recorded = move.record(
-        session,
-        claim,
-        to,
-        input=outcome.input,
-        output=outcome.output,
-        error=outcome.error,
-        started_at=outcome.started_at,
-        completed_at=now if finished else None,
-        duration_ms=duration_ms(outcome.started_at, now) if finished else None,
-    )
+    values = _result(outcome, now, finished)
+    if finished and to == outcome.status and move.one_statement(session):
+        return move.record_logged(session, claim, to, **values)  # the log is this row's copy
+    recorded = move.record(session, claim, to, **values)
     if recorded:
         status = outcome.status if outcome.status != S.WAITING else S.SUCCESS
         move.log_attempt(
@@ -161,14 +154,33 @@ def _record(session: Session, claim: Claim, outcome: Outcome, to: StepStatus, no
     return recorded
 
 
+def _result(outcome: Outcome, now: datetime, finished: bool) -> dict[str, Any]:
+    """The step row's columns for an attempt's outcome."""
+    return {
+        "input": outcome.input,
+        "output": outcome.output,
+        "error": outcome.error,
+        "started_at": outcome.started_at,
+        "completed_at": now if finished else None,
+        "duration_ms": duration_ms(outcome.started_at, now) if finished else None,
+    }
+
+
 def _chain(session: Session, claim: Claim, outcome: Outcome, now: datetime) -> Next | None:
-    """Step done, another follows: record it and claim the next one, in one transaction."""
-    if not _record(session, claim, outcome, outcome.status, now):
-        return None
-    claim.results[claim.step_id] = {"output": outcome.output, "status": outcome.status}
+    """Step done, another follows: record it and claim the next one, in one transaction (in one
+    statement on PostgreSQL)."""
     position = claim.position + 1
     lease = lease_until(now, claim.definition["steps"][position], now)
-    if not move.claim_next(session, claim, position, now, lease):
+    if move.one_statement(session):
+        values = _result(outcome, now, finished=True)
+        recorded, claimed = move.record_and_claim_next(session, claim, outcome.status, lease, **values)
+    else:
+        recorded = _record(session, claim, outcome, outcome.status, now)
+        claimed = recorded and move.claim_next(session, claim, position, now, lease)
+    if not recorded:
+        return None
+    claim.results[claim.step_id] = {"output": outcome.output, "status": outcome.status}
+    if not claimed:
         return Next()  # the run ended meanwhile (cancel, timeout): nothing follows
     follow = claim.following(now)
     return Next(claim=follow)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import delete
+from sqlalchemy import delete, event
 
 from app import engine
 from app.actions import Park
@@ -157,6 +160,57 @@ def test_success_chains_to_the_next_step_in_one_commit_without_a_message(e: Engi
     assert b.lease_expires_at == completed + LEASE
     [log] = e.attempts(run_id)
     assert (log.step_id, log.attempt, log.status, log.output) == ("a", 1, S.SUCCESS, {"v": 1})
+
+
+@contextmanager
+def statements_of_this_thread(e: Engine) -> Iterator[dict[str, int]]:
+    """Count the SQL statements and commits this thread sends (other tiers' workers may share the engine)."""
+    counts = {"statements": 0, "commits": 0}
+    me = threading.get_ident()
+
+    def statement(*_args: object) -> None:
+        if threading.get_ident() == me:
+            counts["statements"] += 1
+
+    def commit(*_args: object) -> None:
+        if threading.get_ident() == me:
+            counts["commits"] += 1
+
+    bind = e.services.db.engine
+    event.listen(bind, "before_cursor_execute", statement)
+    event.listen(bind, "commit", commit)
+    try:
+        yield counts
+    finally:
+        event.remove(bind, "before_cursor_execute", statement)
+        event.remove(bind, "commit", commit)
+
+
+def test_a_chained_step_is_recorded_logged_and_the_next_claimed_in_one_statement(e: Engine) -> None:
+    run_id, claim = e.start(step("a"), step("b"))
+    with statements_of_this_thread(e) as counts:
+        nxt = e.record(claim, success({"v": 1}))
+    assert nxt.claim is not None and nxt.claim.step_id == "b"
+    assert counts == {"statements": 1, "commits": 1}
+    assert e.statuses(run_id) == [S.SUCCESS, S.RUNNING]
+    assert [(a.step_id, a.status, a.output) for a in e.attempts(run_id)] == [("a", S.SUCCESS, {"v": 1})]
+
+
+def test_a_chained_record_that_does_not_apply_logs_nothing_and_claims_nothing(e: Engine) -> None:
+    run_id, claim = e.start(step("a"), step("b"))
+    e.record(claim, success())
+    assert e.record(claim, success({"v": 2})).claim is None, "a duplicate delivery's record"
+    assert e.step(run_id, "a").output == {"ok": True}
+    assert [(a.step_id, a.attempt) for a in e.attempts(run_id)] == [("a", 1)], "exactly one log row"
+    assert e.statuses(run_id) == [S.SUCCESS, S.RUNNING]
+
+
+def test_a_chain_after_cancel_records_and_logs_but_claims_nothing(e: Engine) -> None:
+    run_id, claim = e.start(step("a"), step("b"))
+    e.cancel(run_id)
+    assert e.record(claim, success()).claim is None
+    assert e.statuses(run_id) == [S.SUCCESS, S.SKIPPED]
+    assert [(a.step_id, a.status) for a in e.attempts(run_id)] == [("a", S.SUCCESS)]
 
 
 def test_the_last_success_completes_the_run_with_its_output(e: Engine) -> None:
