@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from app import templating
 from app.engine import statements as sql
 from app.engine import transitions as move
-from app.engine.reads import definition_for, lock_run, results_of, step_runs
+from app.engine.reads import definition_for, finished_results, lock_run, results_of, step_runs
 from app.engine.retry import RetryPolicy
 from app.engine.states import LEASE, LEASE_GRACE, RUN_EXECUTING, STEP_FINISHED
 from app.engine.trigger import send_or_leave_to_sweep
@@ -34,35 +34,65 @@ def lease_until(claim_started: datetime, step: dict[str, Any], now: datetime) ->
 def claim_step(services: Services, run_id: str, step_id: str, attempt: int) -> Claim | None:
     """Take a queued (or due, waiting) step; None when the message is stale or the run is not active."""
     with services.db.session() as session:
-        run = lock_run(session, run_id, with_input=True)
-        if run is None or run.status not in RUN_EXECUTING:
-            return None
+        if not move.one_statement(session):
+            return _claim_locked(services, session, run_id, step_id, attempt)
         now = utcnow()
-        if run.deadline_at is not None and run.deadline_at <= now:
-            move.end_run(session, run, R.TIMEOUT, now, error=move.RUN_TIMEOUT)
-            session.commit()
-            services.request_cancel(run.id)
+        # lease_until for a claim made now, without the definition (not known before the read).
+        row = move.claim_queued(session, run_id, step_id, attempt, now, now + min(LEASE, LEASE_GRACE))
+        if row is None or (row.position is None and row.status not in RUN_EXECUTING):
             return None
-        definition = definition_for(session, run.workflow_key, run.workflow_version)
-        rows = step_runs(session, run_id)
-        target = next((r for r in rows if r.step_id == step_id), None)
-        if target is None or target.attempt != attempt:
-            return None
-        due = target.status == S.WAITING and target.queued_at is not None and target.queued_at <= now
-        if target.status != S.QUEUED and not due:
-            return None
-        started = target.started_at if due else now
-        values: dict[str, Any] = {
-            "lease_expires_at": lease_until(now, definition["steps"][target.position], now)
-        }
-        if not due:
-            values.update(started_at=now, completed_at=None, duration_ms=None)
-        if not move.claim_step(session, target, values):
+        if row.position is None:  # a due delay, a stale message or a deadline passed: the general way
             session.rollback()
-            return None
-        if run.status == R.PENDING:
-            move.start_run(session, run, now)
+            return _claim_locked(services, session, run_id, step_id, attempt)
+        definition = definition_for(session, row.workflow_key, row.workflow_version)
+        # Only a step after the first has finished steps before it (their results feed templates).
+        results = finished_results(session, run_id) if row.position > 0 else {}
         session.commit()
+    return Claim(
+        run_id=run_id,
+        company_id=row.company_id,
+        workflow_id=row.workflow_id,
+        trigger_type=row.trigger_type,
+        run_input=row.input,
+        definition=definition,
+        position=row.position,
+        attempt=attempt,
+        started_at=now,
+        results=results,
+    )
+
+
+def _claim_locked(
+    services: Services, session: Session, run_id: str, step_id: str, attempt: int
+) -> Claim | None:
+    """The general claim: the run locked and loaded with its steps (SQLite, due delays, deadlines)."""
+    run = lock_run(session, run_id, with_input=True)
+    if run is None or run.status not in RUN_EXECUTING:
+        return None
+    now = utcnow()
+    if run.deadline_at is not None and run.deadline_at <= now:
+        move.end_run(session, run, R.TIMEOUT, now, error=move.RUN_TIMEOUT)
+        session.commit()
+        services.request_cancel(run.id)
+        return None
+    definition = definition_for(session, run.workflow_key, run.workflow_version)
+    rows = step_runs(session, run_id)
+    target = next((r for r in rows if r.step_id == step_id), None)
+    if target is None or target.attempt != attempt:
+        return None
+    due = target.status == S.WAITING and target.queued_at is not None and target.queued_at <= now
+    if target.status != S.QUEUED and not due:
+        return None
+    started = target.started_at if due else now
+    values: dict[str, Any] = {"lease_expires_at": lease_until(now, definition["steps"][target.position], now)}
+    if not due:
+        values.update(started_at=now, completed_at=None, duration_ms=None)
+    if not move.claim_step(session, target, values):
+        session.rollback()
+        return None
+    if run.status == R.PENDING:
+        move.start_run(session, run, now)
+    session.commit()
     return Claim.of_run(
         run,
         definition,

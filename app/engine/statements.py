@@ -6,7 +6,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from sqlalchemy import bindparam, exists, func, insert, literal_column, null, select, update
+from sqlalchemy import bindparam, exists, func, insert, literal_column, null, or_, select, true, update
 from sqlalchemy.orm import defer
 
 from models import Run, StepAttempt, StepRun
@@ -132,6 +132,74 @@ def _chain() -> Any:
 # PostgreSQL only (no data-modifying CTEs on SQLite, which takes the statements one by one).
 RECORD_LOG = _record_log()
 CHAIN = _chain()
+
+
+def _claim_queued() -> Any:
+    """A message's queued step → running and a pending run → running, in one statement."""
+    run = (
+        select(
+            RUNS.c.company_id,
+            RUNS.c.workflow_id,
+            RUNS.c.workflow_key,
+            RUNS.c.workflow_version,
+            RUNS.c.trigger_type,
+            RUNS.c.input,
+            RUNS.c.status,
+            RUNS.c.deadline_at,
+        )
+        .where(RUNS.c.id == bindparam("b_run"))
+        .with_for_update()
+        .cte("run")
+    )
+    live = exists().where(
+        or_(run.c.status == RunStatus.PENDING, run.c.status == RunStatus.RUNNING),
+        or_(run.c.deadline_at.is_(None), run.c.deadline_at > bindparam("now")),
+    )
+    claimed = (
+        update(STEPS)
+        .where(
+            STEPS.c.run_id == bindparam("b_run"),
+            STEPS.c.step_id == bindparam("b_step"),
+            STEPS.c.attempt == bindparam("b_attempt"),
+            STEPS.c.status == StepStatus.QUEUED,
+            live,
+        )
+        .values(
+            status=StepStatus.RUNNING,
+            lease_expires_at=bindparam("lease"),
+            started_at=bindparam("now"),
+            completed_at=null(),
+            duration_ms=null(),
+        )
+        .returning(STEPS.c.position, STEPS.c.error)
+        .cte("claimed")
+    )
+    started = (
+        update(RUNS)
+        .where(
+            RUNS.c.id == bindparam("b_run"),
+            RUNS.c.status == RunStatus.PENDING,
+            exists(select(claimed.c.position)),
+        )
+        .values(status=RunStatus.RUNNING, started_at=bindparam("now"))
+        .returning(RUNS.c.id)
+        .cte("started")
+    )
+    return select(
+        run, claimed.c.position, claimed.c.error, started.c.id.isnot(None).label("started")
+    ).select_from(run.outerjoin(claimed, true()).outerjoin(started, true()))
+
+
+# The hot path's claim of a message's step (PostgreSQL): the run locked and read (no ORM, not its
+# steps), its queued step claimed and, for its first step, the run started. A row whose position
+# is NULL claimed nothing: the run's status tells why; a due delay, a stale message or a deadline
+# that passed are left to the general claim.
+CLAIM_QUEUED = _claim_queued()
+
+FINISHED_RESULTS = select(STEPS.c.step_id, STEPS.c.output, STEPS.c.status).where(
+    STEPS.c.run_id == bindparam("b_run"),
+    or_(*(STEPS.c.status == s for s in sorted((StepStatus.SUCCESS, StepStatus.ERROR, StepStatus.SKIPPED)))),
+)
 
 # Renews the lease of a step this process is executing (the heartbeat).
 RENEW_LEASE = (

@@ -92,6 +92,26 @@ def claim_step(session: Session, row: StepRun, values: dict[str, Any]) -> bool:
     return True
 
 
+def claim_queued(
+    session: Session, run_id: str, step_id: str, attempt: int, now: datetime, lease: datetime
+) -> Any:
+    """The message's queued step → running, and a pending run → running, in one statement
+    (PostgreSQL; ``statements.CLAIM_QUEUED``): its row, or None when the run does not exist."""
+    check_step_move(S.QUEUED, S.RUNNING)
+    check_run_move(R.PENDING, R.RUNNING)
+    params = {"b_run": run_id, "b_step": step_id, "b_attempt": attempt, "now": now, "lease": lease}
+    row = session.connection().execute(sql.CLAIM_QUEUED, params).one_or_none()
+    if row is None or row.position is None:
+        return row
+    data = events.step_data(run_id, step_id, S.RUNNING, attempt, now, error=row.error)
+    events.note_step(session, row, data)
+    if row.started:
+        run = Run(id=run_id, company_id=row.company_id, workflow_id=row.workflow_id, status=R.RUNNING)
+        run.started_at = now
+        events.note_run(session, run)
+    return row
+
+
 def claim_next(session: Session, claim: Claim, position: int, now: datetime, lease: datetime) -> bool:
     """The step after ``claim`` (pending) → running, only while the run is still running."""
     params = {"b_run": claim.run_id, "b_step": claim.definition["steps"][position]["id"]}

@@ -65,6 +65,17 @@ def test_claim_takes_the_queued_step_and_starts_the_run(e: Engine) -> None:
     assert run.status == R.RUNNING and run.started_at == claim.started_at
 
 
+def test_a_message_claim_starts_the_run_in_one_statement_and_one_commit(e: Engine) -> None:
+    run_id = e.trigger(e.workflow(step("a"), step("b")))
+    with statements_of_this_thread(e) as counts:
+        claim = e.claim(run_id, "a")
+    assert claim is not None and claim.step_id == "a"
+    assert counts == {"statements": 1, "commits": 1}, "no ORM load of the run or of its steps"
+    assert e.run(run_id).status == R.RUNNING and e.statuses(run_id) == [S.RUNNING, S.PENDING]
+    kinds = [(ev["kind"], ev.get("stepId"), ev["status"]) for ev in e.events(run_id)]
+    assert kinds[-2:] == [("step", "a", "running"), ("run", None, "running")]
+
+
 def test_a_duplicate_message_claims_nothing(e: Engine) -> None:
     run_id = e.trigger(e.workflow(step("a")))
     assert e.claim(run_id, "a") is not None
