@@ -51,7 +51,7 @@ RECORD = (
 
 # Claims the next step only while the run is still running, without a lock on the run row: a
 # cancel that committed first makes EXISTS false; one that comes later finds the step running
-# (claimed, not yet started) and the worker sees the cancel flag before executing it.
+# (claimed, as a step already executing): it runs once, its result is recorded, nothing follows.
 def _claim_next(step: str) -> Any:
     return (
         update(STEPS)
