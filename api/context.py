@@ -12,7 +12,7 @@ from marshmallow import Schema
 from marshmallow import ValidationError as MarshmallowError
 
 from api.dashboard import sessions as dashboard_sessions
-from app import keys
+from app import keys, logs
 from app.definition import flatten
 from app.errors import Forbidden, Unauthorized, ValidationError
 from app.services import Services
@@ -35,6 +35,7 @@ def authenticate() -> None:
             raise Unauthorized("Missing or invalid API key" if api_key is None else "Invalid API key")
     g.principal = principal
     g.company_id = principal.company_id
+    logs.bind(company_id=principal.company_id)  # cleared when the request ends
 
 
 def _session_principal() -> keys.Principal:

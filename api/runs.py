@@ -10,6 +10,7 @@ from flask_smorest import Blueprint
 from sqlalchemy import select
 
 from api import context
+from api.dashboard.queries import RunFilters
 from api.docs import REPLAYED_HEADERS, errors
 from api.pagination import meta, page
 from api.schemas.common import ok
@@ -33,6 +34,19 @@ from models import Run, RunStatus, StepStatus
 
 blp = Blueprint("runs", __name__, url_prefix="/api/v1/runs", description="Execute and monitor workflow runs")
 blp.before_request(context.authenticate)
+
+
+LIST_COLUMNS = (
+    Run.id,
+    Run.workflow_id,
+    Run.status,
+    Run.trigger_type,
+    Run.started_at,
+    Run.completed_at,
+    Run.duration_ms,
+    Run.error,
+    Run.created_at,
+)
 
 
 def _run_id(run_id: str) -> str:
@@ -78,16 +92,18 @@ class RunList(MethodView):
     def get(self, args: dict[str, Any]) -> dict[str, Any]:
         """List runs, newest first, with cursor pagination."""
         context.require(RUNS_READ)
-        query = select(Run).where(Run.company_id == context.company_id())
-        if "workflowId" in args:
-            query = query.where(Run.workflow_id == args["workflowId"])
-        if "status" in args:
-            query = query.where(Run.status == args["status"])
+        filters = RunFilters(
+            args.get("workflowId"),
+            args.get("status"),
+            args.get("triggerType"),
+            args.get("createdAfter"),
+            args.get("createdBefore"),
+        )
+        # Only what a list entry shows: a run's input and output may be megabytes each.
+        query = filters.apply(select(*LIST_COLUMNS).where(Run.company_id == context.company_id()))
         limit = args["limit"]
         with context.services().db.session() as session:
-            rows = list(
-                session.execute(page(query, Run.created_at, Run.id, args.get("cursor"), limit)).scalars()
-            )
+            rows = list(session.execute(page(query, Run.created_at, Run.id, args.get("cursor"), limit)))
         rows, page_meta = meta(rows, limit)
         return ok(rows, page_meta)
 

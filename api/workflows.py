@@ -15,6 +15,9 @@ from api.runs import run_detail
 from api.schemas.common import ok
 from api.schemas.runs import RunEnvelope
 from api.schemas.workflows import (
+    BatchResultEnvelope,
+    BatchTriggerDocSchema,
+    BatchTriggerSchema,
     DeletedEnvelope,
     ListWorkflowsQuerySchema,
     TriggerSchema,
@@ -140,6 +143,21 @@ class WorkflowRuns(MethodView):
             run = engine.get_run(session, context.company_id(), run.id)
             rows = engine.step_runs(session, run.id)
         return ok(run_detail(run, rows)), 200, {"Idempotent-Replayed": "true"}
+
+
+@blp.route("/<string:workflow_id>/runs/batch")
+class WorkflowRunsBatch(MethodView):
+    @blp.doc(
+        requestBody={"required": True, "content": {"application/json": {"schema": BatchTriggerDocSchema}}}
+    )
+    @blp.response(202, BatchResultEnvelope)
+    @errors(blp, 403, 404, 413)
+    def post(self, workflow_id: str) -> tuple[dict[str, Any], int]:
+        """Trigger up to 1,000 runs at once; each item's result in order: created, replayed or invalid."""
+        context.require(RUNS_WRITE)
+        args = context.load_body(BatchTriggerSchema())
+        results = engine.trigger_batch(context.services(), context.company_id(), workflow_id, args["items"])
+        return ok({"items": [r.view() for r in results]}), 202
 
 
 @blp.route("/<string:workflow_id>/deliveries")

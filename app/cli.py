@@ -199,6 +199,8 @@ def api_command(config: Config, host: str, port: int, workers: int) -> list[str]
         "--no-control-socket",
         "--log-level",
         config.log_level.lower(),
+        "--logger-class",
+        "app.gunicorn_logging.GunicornLogger",
     ]
 
 
@@ -344,7 +346,11 @@ def dev(host: str, port: int, processes: int, threads: int) -> None:
     config = _config()
     redis_process, key, workflow_id = _dev_prepare(config)
     # A dev instance calls local targets: loopback is reachable unless the allow list is set.
-    env = {"BATON_HTTP_ALLOW_NETWORKS": "127.0.0.0/8,::1/128", **_child_env(config)}
+    env = {
+        "BATON_HTTP_ALLOW_NETWORKS": "127.0.0.0/8,::1/128",
+        **_child_env(config),
+        "BATON_LOG_FORMAT": "text",
+    }
     base_url = f"http://{host}:{port}"
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
     stopping = False

@@ -24,7 +24,7 @@ from app.cli_watch import (
 )
 from app.client import DEFAULT_URL, ApiClient, ApiError, ClientError, Endpoint, endpoint, write_profile
 from app.config import Config
-from models.states import RunStatus
+from models.states import RunStatus, TriggerType
 
 json_option = click.option(
     "--json", "as_json", is_flag=True, help="Print the API's JSON envelope (for scripts) instead of a table."
@@ -163,18 +163,43 @@ def _runs_table(rows: list[dict[str, Any]]) -> str:
 @runs_group.command("list")
 @click.option("--workflow", "workflow_id", default=None, help="Only this workflow's runs.")
 @click.option("--status", default=None, type=click.Choice([s.value for s in RunStatus]))
+@click.option("--trigger-type", default=None, type=click.Choice([t.value for t in TriggerType]))
+@click.option("--created-after", default=None, help="ISO 8601 time (inclusive).")
+@click.option("--created-before", default=None, help="ISO 8601 time (exclusive).")
 @limit_option
 @cursor_option
 @all_option
 @json_option
 def runs_list(
-    workflow_id: str | None, status: str | None, limit: int, cursor: str | None, follow: bool, as_json: bool
+    workflow_id: str | None,
+    status: str | None,
+    trigger_type: str | None,
+    created_after: str | None,
+    created_before: str | None,
+    limit: int,
+    cursor: str | None,
+    follow: bool,
+    as_json: bool,
 ) -> None:
     """List runs, newest first."""
-    params = {"workflowId": workflow_id, "status": status, "limit": limit, "cursor": cursor}
-    again = "baton runs list" + "".join(
-        f" --{k} {v}" for k, v in (("workflow", workflow_id), ("status", status), ("limit", limit)) if v
-    )
+    filters = {
+        "workflow": workflow_id,
+        "status": status,
+        "trigger-type": trigger_type,
+        "created-after": created_after,
+        "created-before": created_before,
+        "limit": limit,
+    }
+    params = {
+        "workflowId": workflow_id,
+        "status": status,
+        "triggerType": trigger_type,
+        "createdAfter": created_after,
+        "createdBefore": created_before,
+        "limit": limit,
+        "cursor": cursor,
+    }
+    again = "baton runs list" + "".join(f" --{k} {v}" for k, v in filters.items() if v)
     _listing("/api/v1/runs", params, follow=follow, as_json=as_json, render=_runs_table, again=again)
 
 

@@ -38,6 +38,13 @@ def _cli_config_dir(env: Mapping[str, str]) -> Path:
     return Path(base) / "baton"
 
 
+def _log_format(value: str) -> str:
+    """``json`` or ``text``; anything else is a configuration error, never ignored."""
+    if value.strip().lower() not in ("json", "text"):
+        raise ValueError(f"BATON_LOG_FORMAT: {value!r} is not json or text")
+    return value.strip().lower()
+
+
 @dataclass(frozen=True)
 class Config:
     """Settings for every Baton process; build with ``Config.from_env()``."""
@@ -48,6 +55,10 @@ class Config:
     secret_key: str = "dev-secret-key"
     action_modules: tuple[str, ...] = ()
     log_level: str = "INFO"
+    # One JSON object per line (production) or plain text lines (the default, and `baton dev`).
+    log_format: str = "text"
+    # When set, GET /metrics needs ``Authorization: Bearer <token>``; public otherwise.
+    metrics_token: str | None = None
     var_dir: Path = field(default_factory=lambda: Path.cwd() / "var")
     queue_namespace: str = "baton"
     # Dramatiq's idle consumer polls with back-off up to this many ms (its default of 1 s
@@ -89,6 +100,8 @@ class Config:
             secret_key=env.get("SECRET_KEY") or "dev-secret-key",
             action_modules=modules,
             log_level=(env.get("BATON_LOG_LEVEL") or "INFO").upper(),
+            log_format=_log_format(env.get("BATON_LOG_FORMAT") or "text"),
+            metrics_token=env.get("BATON_METRICS_TOKEN") or None,
             var_dir=Path(env.get("BATON_VAR_DIR") or Path.cwd() / "var"),
             queue_namespace=env.get("BATON_QUEUE_NAMESPACE") or "baton",
             http_allow_networks=_networks(env.get("BATON_HTTP_ALLOW_NETWORKS", "")),

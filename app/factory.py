@@ -113,8 +113,9 @@ def create_app(config: Config | None = None, services: Services | None = None) -
     app.extensions["baton_config"] = config
     api = BatonApi(app)
     api.register_field(Timestamp, "string", "date-time")
-    from api import register
+    from api import metrics, register
 
+    metrics.init_app(app, api)  # first: its timer starts before the other hooks run
     register(api)
     from api import dashboard
 

@@ -23,7 +23,7 @@ logger = logging.getLogger("baton.ratelimit")
 KEY_HEADER = "x-api-key"
 KEY_PREFIX = "bk_"
 # Probes and the API document stay reachable whatever a client has spent.
-UNLIMITED_BLUEPRINTS = ("health", "api-docs")
+UNLIMITED_BLUEPRINTS = ("health", "api-docs", "metrics")
 WEBHOOK_BLUEPRINT = "webhooks"
 EXTENSION = "baton_limiter"
 

@@ -54,10 +54,9 @@ class Services:
 
 
 def configure_logging(config: Config) -> None:
-    logging.basicConfig(
-        level=config.log_level,
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-    )
+    from app.logs import setup_logging
+
+    setup_logging(config)
 
 
 class RedisUnavailable(RuntimeError):

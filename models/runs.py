@@ -41,6 +41,7 @@ class Run(Base):
         Index("ix_runs_company_created", "company_id", "created_at", "id"),
         Index("ix_runs_company_workflow_created", "company_id", "workflow_id", "created_at", "id"),
         Index("ix_runs_company_status_created", "company_id", "status", "created_at", "id"),
+        Index("ix_runs_company_trigger_created", "company_id", "trigger_type", "created_at", "id"),
         UniqueConstraint("workflow_key", "idempotency_key"),
         # A run's restart lineage: the runs retried or restarted from it (GET /runs/:id).
         Index("ix_runs_restarted_from", "restarted_from_run_id"),

@@ -24,8 +24,9 @@ start) and a dedicated Redis database (db 2, flushed at the start), starts ``bat
    otherwise quiet server.
 3. sequential latency: a run of 40 steps, trigger to ``completed_at``; baseline: a 40-message
    chain, enqueue to last hop.
-4. API: triggers/s from 8 client threads (no workers running, median of batches), and
-   trigger-to-completed of a 1-step run at idle (p50, p99).
+4. API: triggers/s from 8 client threads (no workers running, median of batches), runs/s through
+   the batch trigger (batches of 1,000 from 2 threads), and trigger-to-completed of a 1-step run
+   at idle (p50, p99).
 5. ``GET /api/v1/runs`` p50/p99 on ``--list-runs`` seeded runs for several filters and cursor
    depths (DESIGN's budget is for 1,000,000 runs; the default seeds 100,000 to stay short, and
    seeding 1,000,000 takes about 40 s more).
@@ -330,6 +331,13 @@ class Api:
     def trigger(self, workflow_id: str) -> str:
         return self.post(f"/api/v1/workflows/{workflow_id}/runs", {"input": {}}, 202)["id"]
 
+    def trigger_batch(self, workflow_id: str, size: int) -> None:
+        items = [{"input": {"i": i}} for i in range(size)]
+        data = self.post(f"/api/v1/workflows/{workflow_id}/runs/batch", {"items": items}, 202)
+        statuses = {item["status"] for item in data["items"]}
+        if len(data["items"]) != size or statuses != {"created"}:
+            raise BenchError(f"batch trigger: {len(data['items'])} items, statuses {sorted(statuses)}")
+
 
 def trigger_many(api: Api, workflow_id: str, count: int, threads: int) -> float:
     """Trigger ``count`` runs from ``threads`` client threads; returns the elapsed seconds."""
@@ -605,6 +613,15 @@ class Bench:
             elapsed = trigger_many(self.api, workflow_id, size, a.trigger_threads)
             rates.append(size / elapsed)
             log(f"triggers/s batch {i + 1}/{batches}: {rates[-1]:.0f}/s")
+        self.results["triggers"] = {
+            "batches": batches,
+            "batch_size": size,
+            "threads": a.trigger_threads,
+            "rates_per_s": rates,
+            "median_per_s": statistics.median(rates),
+        }
+        if a.batch_triggers:
+            self.results["batch_triggers"] = self.batch_trigger_rate(workflow_id)
         # Nothing may execute these later: drop Baton's queued messages and close the runs.
         self.drop_baton_messages()
         assert self.probe is not None
@@ -614,12 +631,41 @@ class Bench:
             "UPDATE step_runs SET status = 'skipped' WHERE run_id IN (SELECT id FROM r) RETURNING 1",
             (workflow_id,),
         )
-        self.results["triggers"] = {
-            "batches": batches,
+
+    def batch_trigger_rate(self, workflow_id: str) -> dict[str, Any]:
+        """Runs/s through POST /workflows/:id/runs/batch: batches of --batch-size from 2 client
+        threads (one per API worker by default), no workers running."""
+        a = self.args
+        count, size = a.batch_triggers, a.batch_size
+        log(f"batch triggers: {count} batches of {size} runs from 2 threads (no workers)")
+        self.api.trigger_batch(workflow_id, size)  # warm-up
+        pending = list(range(count))
+        lock = threading.Lock()
+        seconds: list[float] = []
+
+        def work() -> None:
+            while True:
+                with lock:
+                    if not pending:
+                        return
+                    pending.pop()
+                started = time.perf_counter()
+                self.api.trigger_batch(workflow_id, size)
+                with lock:
+                    seconds.append(time.perf_counter() - started)
+
+        with ThreadPoolExecutor(2) as pool:
+            started = time.perf_counter()
+            for future in [pool.submit(work) for _ in range(2)]:
+                future.result()
+            elapsed = time.perf_counter() - started
+        rate = count * size / elapsed
+        log(f"batch triggers: {rate:.0f} runs/s, median {statistics.median(seconds) * 1000:.0f} ms a batch")
+        return {
+            "batches": count,
             "batch_size": size,
-            "threads": a.trigger_threads,
-            "rates_per_s": rates,
-            "median_per_s": statistics.median(rates),
+            "runs_per_s": rate,
+            "median_batch_ms": statistics.median(seconds) * 1000,
         }
 
     # ----------------------------------------------------------------- 1+2. throughput
@@ -850,6 +896,13 @@ class Bench:
     def seed(self, count: int) -> dict[str, str]:
         assert self.probe is not None
         workflows = {name: self.api.create_workflow(f"bench-list-{name}", 1) for name in ("a", "b", "c")}
+        # Runs belong to a workflow row (its key); the public id may be reused once deleted.
+        keys = {
+            name: self.probe.one(
+                "SELECT key FROM workflows WHERE company_id = %s AND id = %s", (self.company_id, workflow_id)
+            )[0]
+            for name, workflow_id in workflows.items()
+        }
         chunk = 200_000
         log(f"seeding {count:,} runs (60% / 30% / 10% over 3 workflows; 90% completed, 5% failed, ...)")
         for offset in range(0, count, chunk):
@@ -866,9 +919,11 @@ class Bench:
                                    WHEN s < 0.10 THEN 'timeout' ELSE 'completed' END AS status
                     FROM x
                 ), ins AS (
-                    INSERT INTO runs (id, company_id, workflow_id, workflow_version, status, trigger_type,
-                                      input, output, error, created_at, started_at, completed_at, duration_ms)
+                    INSERT INTO runs (id, company_id, workflow_key, workflow_id, workflow_version, status,
+                                      trigger_type, input, output, error, created_at, started_at,
+                                      completed_at, duration_ms)
                     SELECT 'run_' || gen_random_uuid(), %(company)s,
+                           CASE WHEN w < 0.6 THEN %(ka)s WHEN w < 0.9 THEN %(kb)s ELSE %(kc)s END,
                            CASE WHEN w < 0.6 THEN %(a)s WHEN w < 0.9 THEN %(b)s ELSE %(c)s END,
                            1, status, CASE WHEN g %% 10 = 0 THEN 'webhook' ELSE 'api' END,
                            '{}'::jsonb,
@@ -888,6 +943,7 @@ class Bench:
                     "a": workflows["a"],
                     "b": workflows["b"],
                     "c": workflows["c"],
+                    **{f"k{name}": key for name, key in keys.items()},
                 },
             )
             log(f"seeded {offset + n:,}/{count:,}")
@@ -904,6 +960,28 @@ class Bench:
             dict(params, off=max(0, total - from_end)),
         )
         return cursor_for(row[0], row[1])
+
+    def window_cases(self, co: dict[str, Any], total: int, workflow_id: str) -> dict[str, Any]:
+        """createdAfter/createdBefore: an hour in the middle of the table, alone and with every filter."""
+        assert self.probe is not None
+        middle = self.probe.one(
+            "SELECT created_at FROM runs WHERE company_id = %(co)s "
+            "ORDER BY created_at DESC OFFSET %(off)s LIMIT 1",
+            dict(co, off=total // 2),
+        )[0]
+        window = {
+            "createdAfter": (middle - timedelta(hours=1)).isoformat(),
+            "createdBefore": middle.isoformat(),
+        }
+        return {
+            "1-hour window mid-table": window,
+            "window+workflowId+status+triggerType": {
+                **window,
+                "workflowId": workflow_id,
+                "status": "completed",
+                "triggerType": "api",
+            },
+        }
 
     def list_latency(self) -> None:
         a = self.args
@@ -925,6 +1003,12 @@ class Bench:
             },
             "workflowId+status=failed": {"workflowId": workflows["c"], "status": "failed"},
             "limit=100": {"limit": 100},
+            "triggerType=webhook (10%)": {"triggerType": "webhook"},
+            "triggerType=webhook, deep cursor": {
+                "triggerType": "webhook",
+                "cursor": self.deep_cursor("AND trigger_type = 'webhook'", co, 20),
+            },
+            **self.window_cases(co, total, workflows["c"]),
         }
         log(f"GET /api/v1/runs on {total:,} runs: {len(cases)} cases x {a.list_requests} requests")
         session = self.api.session
@@ -1062,6 +1146,17 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     tr = results.get("triggers")
     if tr:
         row("API triggers/s", tr["median_per_s"], None, ">= 500", tr["median_per_s"] >= 500, "{:.0f}")
+    bt = results.get("batch_triggers")
+    if bt:
+        rate = bt["runs_per_s"]
+        row(
+            f"API batch trigger runs/s ({bt['batch_size']} a batch)",
+            rate,
+            None,
+            ">= 5000",
+            rate >= 5000,
+            "{:.0f}",
+        )
     o = results.get("one_step")
     if o:
         row("1-step trigger->completed p50 ms", o["p50_ms"], None, "(info)", None)
@@ -1109,6 +1204,7 @@ QUICK = {
     "rounds": 1,
     "seq_repeats": 3,
     "triggers": 400,
+    "batch_triggers": 4,
     "idle_samples": 20,
     "list_runs": 10_000,
     "list_requests": 50,
@@ -1131,6 +1227,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--trigger-batches", type=int, default=4, help="triggers/s is the median over batches"
     )
     parser.add_argument("--trigger-threads", type=int, default=8, help="client threads that trigger runs")
+    parser.add_argument(
+        "--batch-triggers", type=int, default=10, help="batch-trigger requests timed (0 skips them)"
+    )
+    parser.add_argument("--batch-size", type=int, default=1000, help="runs per batch-trigger request")
     parser.add_argument("--idle-samples", type=int, default=50, help="1-step runs timed one at a time")
     parser.add_argument(
         "--list-runs",

@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import dramatiq
 import pytest
+import requests
 from sqlalchemy import text
 from werkzeug.serving import make_server
 
@@ -157,6 +163,54 @@ def session_env(config: Config) -> dict[str, str]:
     if config.broker_url:
         env["BROKER_URL"] = config.broker_url
     return env
+
+
+BATON = str(Path(sys.executable).with_name("baton"))
+
+
+@contextmanager
+def baton_api(config: Config, log: Path, workers: int = 1) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``baton api`` (gunicorn) on the session's database, Redis and broker, on a free loopback
+    port, its output in ``log``: (base URL, process). Stopped with SIGTERM (then killed) unless the
+    test already stopped it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = session_env(config)
+    env.update(
+        DATABASE_URL=str(config.database_url),
+        REDIS_URL=str(config.redis_url),
+        BATON_QUEUE_NAMESPACE=config.queue_namespace,
+        BATON_RATE_LIMIT="1000000/minute",
+        BATON_LOG_LEVEL="WARNING",
+    )
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [BATON, "api", "--port", str(port), "--workers", str(workers)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            return requests.get(f"{base}/healthz", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    try:
+        wait_for(ready, 30, f"baton api on {base}\n{log.read_text(errors='replace')}")
+        yield base, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def unreachable(config: Config) -> Config:

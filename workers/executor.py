@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from app import engine, redaction, slots, templating
+from app import engine, logs, redaction, slots, templating
 from app import secrets as secret_store
 from app.actions import ActionContext, Park, StepError
 from app.actions import get as get_action
@@ -225,11 +225,17 @@ def run_chain(
     record claims it only while the run is running: a cancel committed before stops the chain)."""
     while claim is not None:
         leases.hold(claim)
+        logged = logs.bind(
+            run_id=claim.run_id, step_id=claim.step_id, attempt=claim.attempt, company_id=claim.company_id
+        )
         try:
             values = step_secrets(services, claim)
+            if values:
+                logs.redact_in_context(redaction.forms(values.values()))
             outcome = redact(claim, execute(claim, time_limit, services.config, values), values)
             outcome.completed_at = outcome.completed_at or utcnow()
             nxt = persist(engine.record_result, services, claim, outcome)
         finally:
+            logs.reset(logged)
             leases.release(claim)
         claim = nxt.claim

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dramatiq
 
 import workers.actions  # noqa: F401  (registers the built-in actions)
+from app import metrics
 from app.config import Config
 from app.services import build_services, configure_logging
 from workers import actors
@@ -17,3 +18,4 @@ broker = services.queue.broker
 broker.add_middleware(ProcessServices(services))
 dramatiq.set_broker(broker)
 actors.register(services.queue)
+metrics.start_publisher(services.redis, services.namespace)

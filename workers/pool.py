@@ -277,6 +277,9 @@ def run_child(threads: int, ready_fd: int, parent_pid: int, stop_timeout_ms: int
     logger.info("worker process stopping: in-flight messages finish, queued ones go back")
     worker.stop(timeout=stop_timeout_ms)
     broker.close()
+    from app import metrics
+
+    metrics.stop_publisher()  # its counts join the retired totals (os._exit skips atexit)
     _exit(0)
 
 
@@ -341,7 +344,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child:
         run_child(args.threads, args.ready_fd, args.parent_pid, args.stop_timeout_ms)
-    logging.basicConfig(level=Config.from_env().log_level, format=LOG_FORMAT)
+    from app.logs import setup_logging
+
+    setup_logging(Config.from_env())
     sys.exit(Pool(args.processes, args.threads, args.shutdown_timeout).run())
 
 

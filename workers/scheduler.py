@@ -91,7 +91,11 @@ def main() -> None:
 
     config = Config.from_env()
     configure_logging(config)
+    from app import metrics
+
     scheduler = Scheduler(build_services(config, pool_size=2))
+    metrics.start_publisher(scheduler.services.redis, scheduler.services.namespace)
     signal.signal(signal.SIGTERM, scheduler.stop)
     signal.signal(signal.SIGINT, scheduler.stop)
     scheduler.run()
+    metrics.stop_publisher()

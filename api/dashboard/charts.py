@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from markupsafe import Markup, escape
@@ -49,6 +50,18 @@ def _tick_label(moment: datetime, bucket: timedelta) -> str:
     return moment.strftime("%H:%M") if bucket < timedelta(hours=6) else moment.strftime("%d %b %H:%M")
 
 
+def _grid(left: int, width: int, top: int, plot_h: float, label: Callable[[float], str]) -> list[str]:
+    """Horizontal grid lines at 0, 50 and 100 % of the plot's height, each labelled on the axis."""
+    body = []
+    for frac in (0, 0.5, 1):
+        y = top + plot_h - frac * plot_h
+        body.append(f'<line class="grid" x1="{left}" x2="{width - 10}" y1="{y:.1f}" y2="{y:.1f}"/>')
+        body.append(
+            f'<text class="axis" x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{label(frac)}</text>'
+        )
+    return body
+
+
 def status_bars(buckets: list[datetime], bucket: timedelta, per_status: dict[str, list[int]]) -> Markup:
     """Runs created per time bucket, stacked by status."""
     width, height, left, bottom, top = 720, 220, 40, 28, 10
@@ -56,13 +69,7 @@ def status_bars(buckets: list[datetime], bucket: timedelta, per_status: dict[str
     totals = [sum(per_status.get(s, [0] * len(buckets))[i] for s in per_status) for i in range(len(buckets))]
     y_max = _nice_max(max(totals, default=0) or 1)
     slot = plot_w / max(len(buckets), 1)
-    body = []
-    for frac in (0, 0.5, 1):
-        y = top + plot_h - frac * plot_h
-        body.append(f'<line class="grid" x1="{left}" x2="{width - 10}" y1="{y:.1f}" y2="{y:.1f}"/>')
-        body.append(
-            f'<text class="axis" x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{int(y_max * frac)}</text>'
-        )
+    body = _grid(left, width, top, plot_h, lambda frac: str(int(y_max * frac)))
     for i, moment in enumerate(buckets):
         x = left + i * slot + slot * 0.12
         y = top + plot_h
@@ -88,13 +95,7 @@ def failure_line(buckets: list[datetime], bucket: timedelta, rates: list[float |
     width, height, left, bottom, top = 720, 160, 40, 28, 10
     plot_w, plot_h = width - left - 10, height - bottom - top
     slot = plot_w / max(len(buckets), 1)
-    body = []
-    for frac in (0, 0.5, 1):
-        y = top + plot_h - frac * plot_h
-        body.append(f'<line class="grid" x1="{left}" x2="{width - 10}" y1="{y:.1f}" y2="{y:.1f}"/>')
-        body.append(
-            f'<text class="axis" x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{int(frac * 100)}%</text>'
-        )
+    body = _grid(left, width, top, plot_h, lambda frac: f"{int(frac * 100)}%")
     points = []
     for i, rate in enumerate(rates):
         if rate is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timezone
 from typing import Any
 
 from marshmallow import RAISE, Schema, fields, validate
@@ -10,7 +11,7 @@ from api.pagination import MAX_CURSOR_CHARS
 from api.schemas.common import AnyJSON, Timestamp, envelope
 from app.engine.states import attempt_made
 from app.ids import WORKFLOW_ID
-from models import RUN_STATUSES
+from models import RUN_STATUSES, TRIGGER_TYPES
 
 
 class RunErrorSchema(Schema):
@@ -86,6 +87,15 @@ class CancelResultSchema(Schema):
 class ListRunsQuerySchema(Schema):
     workflowId = fields.String(validate=validate.Regexp(WORKFLOW_ID, error="Not a workflow id"))
     status = fields.String(validate=validate.OneOf(RUN_STATUSES))
+    triggerType = fields.String(validate=validate.OneOf(TRIGGER_TYPES))
+    createdAfter = fields.AwareDateTime(
+        default_timezone=timezone.utc,
+        metadata={"description": "ISO 8601 (UTC unless an offset is given); runs created at or after it"},
+    )
+    createdBefore = fields.AwareDateTime(
+        default_timezone=timezone.utc,
+        metadata={"description": "ISO 8601 (UTC unless an offset is given); runs created before it"},
+    )
     limit = fields.Integer(load_default=50, validate=validate.Range(1, 100), strict=False)
     cursor = fields.String(validate=validate.Length(1, MAX_CURSOR_CHARS))
 

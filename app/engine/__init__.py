@@ -3,10 +3,11 @@ the workers and the scheduler.
 
 - ``states``: the legal moves, the owner and deadline of every non-final state;
 - ``transitions``: one function per move, the only code that writes a status;
-- ``trigger`` / ``restart``: new runs (idempotency shared); ``control``: cancel and resume;
+- ``trigger`` / ``batch`` / ``restart``: new runs (idempotency shared); ``control``: cancel and resume;
 - ``execution``: claim and record (chain, retry, fail, complete, park); ``sweeps``: recovery.
 """
 
+from app.engine.batch import trigger_batch
 from app.engine.control import cancel_run, resume_run
 from app.engine.execution import claim_step, record_result, release_claim, renew_leases
 from app.engine.reads import (
@@ -51,5 +52,6 @@ __all__ = [
     "step_attempts",
     "step_runs",
     "sweep",
+    "trigger_batch",
     "trigger_run",
 ]

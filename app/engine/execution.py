@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from app import templating
+from app import metrics, templating
 from app.engine import statements as sql
 from app.engine import transitions as move
 from app.engine.reads import definition_for, finished_results, lock_run, results_of, step_runs
@@ -170,6 +170,9 @@ def _record(session: Session, claim: Claim, outcome: Outcome, to: StepStatus, no
         return move.record_logged(session, claim, to, **values)  # the log is this row's copy
     recorded = move.record(session, claim, to, **values)
     if recorded:
+        took_ms = duration_ms(outcome.started_at, now)
+        seconds = took_ms / 1000 if took_ms is not None else None
+        metrics.attempt_recorded(session, claim.step["action"], "retry" if to == S.QUEUED else to, seconds)
         status = outcome.status if outcome.status != S.WAITING else S.SUCCESS
         move.log_attempt(
             session,

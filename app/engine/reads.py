@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -32,6 +32,28 @@ def definition_for(session: Session, workflow_key: str, version: int) -> dict[st
     with _definitions_lock:
         _definitions[key] = definition
     return definition
+
+
+class WorkflowRef(Protocol):
+    """What a trigger needs of a workflow row."""
+
+    key: str
+    id: str
+    current_version: int
+
+
+def workflow_ref(session: Session, company_id: str, workflow_id: str) -> WorkflowRef:
+    """``get_workflow`` for a trigger: three columns, no ORM entity."""
+    if not WORKFLOW_ID.match(workflow_id):
+        raise NotFound("Workflow not found")
+    row = session.execute(
+        select(Workflow.key, Workflow.id, Workflow.current_version).where(
+            Workflow.company_id == company_id, Workflow.id == workflow_id, Workflow.deleted_at.is_(None)
+        )
+    ).one_or_none()
+    if row is None:
+        raise NotFound("Workflow not found")
+    return row
 
 
 def get_workflow(session: Session, company_id: str, workflow_id: str, *, lock: bool = False) -> Workflow:

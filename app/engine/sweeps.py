@@ -14,6 +14,7 @@ from datetime import datetime
 from sqlalchemy import Select, or_, select
 from sqlalchemy.orm import Session
 
+from app import metrics
 from app.engine import statements as sql
 from app.engine import transitions as move
 from app.engine.reads import definition_for, lock_run, step_row
@@ -38,13 +39,15 @@ def sweep(services: Services, now: datetime | None = None) -> dict[str, int]:
     with services.db.session() as session:
         timed_out = sweep_timeouts(services, session, now)
         approvals = sweep_approvals(session, now)
-        return {
+        counts = {
             "resent": sweep_broker_restart(services, session, now),
             "timedOut": timed_out,
             "approvalsExpired": approvals,
             "requeued": sweep_lost_messages(services, session, now),
             "leasesExpired": sweep_dead_workers(services, session, now),
         }
+    metrics.swept(counts)
+    return counts
 
 
 def sweep_timeouts(services: Services, session: Session, now: datetime) -> int:

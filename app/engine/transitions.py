@@ -16,9 +16,9 @@ from typing import Any
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
-from app import events
+from app import events, metrics
 from app.engine import statements as sql
-from app.engine.states import check_run_move, check_step_move, run_sources, step_sources
+from app.engine.states import RUN_TERMINAL, check_run_move, check_step_move, run_sources, step_sources
 from app.engine.types import Claim
 from app.timeutil import duration_ms
 from models import Run, StepRun
@@ -38,6 +38,8 @@ def move_run(session: Session, run: Run, to: RunStatus, **values: Any) -> bool:
     for name, value in {"status": to, **values}.items():
         set_committed_value(run, name, value)
     events.note_run(session, run)
+    if to in RUN_TERMINAL:
+        metrics.run_finished(session, run.workflow_id, to)
     return True
 
 

@@ -7,16 +7,17 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app import events
+from app import events, metrics
 from app.engine import statements as sql
-from app.engine.reads import definition_for, get_workflow
+from app.engine.reads import WorkflowRef, definition_for, workflow_ref
 from app.engine.states import STUCK_AFTER
 from app.errors import Conflict
 from app.errors import ValidationError as BatonValidationError
@@ -27,8 +28,33 @@ from models import Run, StepRun
 from models.states import RunStatus, StepStatus
 
 logger = logging.getLogger("baton.engine")
+# New runs and all their steps in one statement, whatever their number: the per-run values travel
+# as arrays, and the steps' foreign key is checked at the end of the statement, after both inserts.
+_INSERT_RUNS_AND_STEPS = text(
+    """
+    WITH new_runs AS (
+        INSERT INTO runs (id, company_id, workflow_key, workflow_id, workflow_version, status,
+                          trigger_type, input, created_at, deadline_at, idempotency_key,
+                          idempotency_hash)
+        SELECT t.id, :company_id, :workflow_key, :workflow_id, :version, :status, :trigger_type,
+               CAST(t.input AS jsonb), :now, :deadline, t.ikey, t.ihash
+        FROM unnest(CAST(:ids AS text[]), CAST(:inputs AS text[]), CAST(:ikeys AS text[]),
+                    CAST(:ihashes AS text[])) AS t(id, input, ikey, ihash)
+        RETURNING id
+    )
+    INSERT INTO step_runs (run_id, step_id, position, status, attempt, queued_at, reused)
+    SELECT r.id, s.step_id, s.position,
+           CASE WHEN s.position = 0 THEN :queued ELSE :pending END,
+           CASE WHEN s.position = 0 THEN 1 ELSE 0 END,
+           CASE WHEN s.position = 0 THEN CAST(:now AS timestamptz) END,
+           false
+    FROM new_runs AS r
+    CROSS JOIN unnest(CAST(:step_ids AS text[]), CAST(:positions AS int[])) AS s(step_id, position)
+    """
+)
+
 IDEMPOTENCY_TTL = timedelta(hours=24)
-Build = Callable[[Session], tuple[Run, str]]
+Build = Callable[[Session], tuple["Run | NewRun", str]]
 
 
 def request_hash(payload: Any) -> str:
@@ -44,7 +70,7 @@ def trigger_run(
     *,
     idempotency_key: str | None = None,
     fingerprint: str | None = None,
-) -> tuple[Run, bool]:
+) -> tuple[Run | NewRun, bool]:
     """Insert a pending run and its steps, commit, then enqueue the first step.
 
     Returns the run and whether it was created (False: an idempotent repeat). ``fingerprint``
@@ -53,26 +79,82 @@ def trigger_run(
     if not isinstance(run_input, dict):
         raise BatonValidationError("input must be a JSON object", details={"input": ["Not a valid object."]})
     fingerprint = fingerprint or request_hash({"input": run_input, "triggerType": trigger_type})
+    found: list[WorkflowRef] = []
 
-    def build(session: Session) -> tuple[Run, str]:
-        workflow = get_workflow(session, company_id, workflow_id)
-        definition = definition_for(session, workflow.key, workflow.current_version)
-        run = insert_run(
-            session,
-            company_id,
-            workflow.key,
-            workflow.id,
-            workflow.current_version,
-            definition,
-            run_input,
-            trigger_type,
-        )
-        return run, definition["steps"][0]["id"]
+    def workflow(session: Session) -> WorkflowRef:
+        """Looked up once per request, by whichever needs it first."""
+        if not found:
+            found.append(workflow_ref(session, company_id, workflow_id))
+        return found[0]
 
-    def scope(session: Session) -> str:
-        return get_workflow(session, company_id, workflow_id).key
+    def build(session: Session) -> tuple[Run | NewRun, str]:
+        ref = workflow(session)
+        definition = definition_for(session, ref.key, ref.current_version)
+        run = new_run(company_id, ref, definition, run_input, trigger_type, utcnow())
+        # The key goes in with the row (create_run sets it on the object too, which stays unsaved).
+        if idempotency_key:
+            run.idempotency_key, run.idempotency_hash = idempotency_key, fingerprint
+        step_ids = [step["id"] for step in definition["steps"]]
+        insert_new_runs(session, [run], step_ids, run.created_at)
+        events.note_created(session, run, [first_step_row(step_ids[0])])
+        return run, step_ids[0]
 
-    return create_run(services, idempotency_key, fingerprint, build, scope)
+    return create_run(services, idempotency_key, fingerprint, build, lambda session: workflow(session).key)
+
+
+@dataclass(slots=True)
+class NewRun:
+    """A run being triggered, as the API and the events show it: a plain object, since building an
+    ORM instance per run cost a batch of 1,000 about a fifth of its time (profiled)."""
+
+    id: str
+    company_id: str
+    workflow_key: str
+    workflow_id: str
+    workflow_version: int
+    trigger_type: str
+    input: Any
+    created_at: datetime
+    deadline_at: datetime | None
+    idempotency_key: str | None = None
+    idempotency_hash: str | None = None
+    status: RunStatus = RunStatus.PENDING
+    output: Any = None
+    error: Any = None
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    duration_ms: int | None = None
+    restarted_from_run_id: str | None = None
+    restart_from_step_id: str | None = None
+
+
+def new_run(
+    company_id: str,
+    workflow: WorkflowRef,
+    definition: dict[str, Any],
+    run_input: Any,
+    trigger_type: str,
+    now: datetime,
+    run_id: str | None = None,
+) -> NewRun:
+    """A pending run of the workflow's current version, still to be inserted (insert_new_runs)."""
+    timeout = definition.get("timeoutMs")
+    return NewRun(
+        id=run_id or new_id("run"),
+        company_id=company_id,
+        workflow_key=workflow.key,
+        workflow_id=workflow.id,
+        workflow_version=workflow.current_version,
+        trigger_type=trigger_type,
+        input=run_input,
+        created_at=now,
+        deadline_at=now + timedelta(milliseconds=timeout) if timeout else None,
+    )
+
+
+def first_step_row(step_id: str) -> dict[str, Any]:
+    """What ``events.note_created`` needs of a new run's queued first step."""
+    return {"step_id": step_id, "status": StepStatus.QUEUED, "attempt": 1}
 
 
 def create_run(
@@ -81,7 +163,7 @@ def create_run(
     fingerprint: str,
     build: Build,
     scope: Callable[[Session], str],
-) -> tuple[Run, bool]:
+) -> tuple[Run | NewRun, bool]:
     """Shared by trigger, retry and restart: idempotency, one commit, then enqueue the first step.
 
     ``scope`` names the workflow row an Idempotency-Key belongs to (asked only when one is given).
@@ -92,10 +174,10 @@ def create_run(
             existing = idempotent_run(session, workflow_key, idempotency_key, fingerprint)
             if existing is not None:
                 return existing, False
-        run, first_step = build(session)
-        if idempotency_key:
-            run.idempotency_key, run.idempotency_hash = idempotency_key, fingerprint
         try:
+            run, first_step = build(session)
+            if idempotency_key:
+                run.idempotency_key, run.idempotency_hash = idempotency_key, fingerprint
             session.commit()
         except IntegrityError:
             # A concurrent request with the same Idempotency-Key won the insert.
@@ -106,6 +188,7 @@ def create_run(
             if existing is None:
                 raise
             return existing, False
+    metrics.run_started(run.workflow_id)
     if not send_or_leave_to_sweep(services, run.id, first_step, 1, company_id=run.company_id):
         _mark_unsent(services, run.id, first_step, 1)
     return run, True
@@ -181,6 +264,56 @@ def insert_run(
     session.execute(insert(StepRun), rows)
     events.note_created(session, run, rows)
     return run
+
+
+def insert_new_runs(session: Session, runs: list[NewRun], step_ids: list[str], now: datetime) -> None:
+    """New runs of one workflow version (from :func:`new_run`) and all their steps, each run's first
+    step queued: one statement on PostgreSQL, no ORM flush."""
+    if session.get_bind().dialect.name != "postgresql":
+        _insert_portable(session, runs, step_ids, now)
+        return
+    first = runs[0]
+    session.execute(
+        _INSERT_RUNS_AND_STEPS,
+        {
+            "company_id": first.company_id,
+            "workflow_key": first.workflow_key,
+            "workflow_id": first.workflow_id,
+            "version": first.workflow_version,
+            "status": RunStatus.PENDING.value,
+            "trigger_type": first.trigger_type,
+            "now": now,
+            "deadline": first.deadline_at,
+            "ids": [run.id for run in runs],
+            "inputs": [json.dumps(run.input) for run in runs],
+            "ikeys": [run.idempotency_key for run in runs],
+            "ihashes": [run.idempotency_hash for run in runs],
+            "queued": StepStatus.QUEUED.value,
+            "pending": StepStatus.PENDING.value,
+            "step_ids": step_ids,
+            "positions": list(range(len(step_ids))),
+        },
+    )
+
+
+def _insert_portable(session: Session, runs: list[NewRun], step_ids: list[str], now: datetime) -> None:
+    """SQLite (the embedded default): the same rows through executemany."""
+    columns = [c.key for c in Run.__table__.columns]
+    session.execute(insert(Run), [{name: getattr(run, name) for name in columns} for run in runs])
+    steps = [
+        {
+            "run_id": run.id,
+            "step_id": step_id,
+            "position": position,
+            "status": StepStatus.QUEUED if position == 0 else StepStatus.PENDING,
+            "attempt": 1 if position == 0 else 0,
+            "queued_at": now if position == 0 else None,
+            "reused": False,
+        }
+        for run in runs
+        for position, step_id in enumerate(step_ids)
+    ]
+    session.execute(insert(StepRun), steps)
 
 
 def _step_row(

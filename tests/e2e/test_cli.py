@@ -155,6 +155,25 @@ def test_runs_list_json_is_the_api_envelope_of_this_company_only(
     assert "s ago" in lines[1]
 
 
+def test_runs_list_filters_by_trigger_type_and_time(worker, run_cli, client, headers, tmp_path, wait_run):
+    wid = _apply(run_cli, tmp_path, [{"id": "a", "action": "transform"}])
+    manual = _trigger(run_cli, wid)  # the CLI triggers as "manual"
+    api = client.post(f"/api/v1/workflows/{wid}/runs", json={"input": {}}, headers=headers).get_json()["data"]
+    created = client.get(f"/api/v1/runs/{api['id']}", headers=headers).get_json()["data"]["createdAt"]
+
+    def ids(*args: str) -> list[str]:
+        result = run_cli("runs", "list", "--workflow", wid, "--json", *args)
+        assert result.exit_code == 0, result.output
+        return [r["id"] for r in json.loads(result.stdout)["data"]]
+
+    assert ids("--trigger-type", "manual") == [manual]
+    assert ids("--trigger-type", "api") == [api["id"]]
+    assert ids("--created-after", created) == [api["id"]]
+    assert ids("--created-before", created) == [manual]
+    bad = run_cli("runs", "list", "--created-after", "yesterday")
+    assert bad.exit_code == 1 and "VALIDATION_ERROR" in bad.stderr and len(bad.stderr.splitlines()) == 1
+
+
 def test_runs_list_pages_by_cursor(worker, run_cli, tmp_path, wait_run):
     wid = _apply(run_cli, tmp_path, [{"id": "a", "action": "transform"}])
     runs = [_trigger(run_cli, wid) for _ in range(3)]

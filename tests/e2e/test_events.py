@@ -10,7 +10,6 @@ import json
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ import api.events
 from app import keys
 from app.keys import WORKFLOWS_WRITE
 from app.timeutil import iso, utcnow
-from tests.conftest import new_key, session_env, wait_for
+from tests.conftest import baton_api, new_key, wait_for
 
 
 @dataclass
@@ -231,7 +230,8 @@ def test_a_live_stream_ends_after_a_cancel(worker, make_workflow, trigger, clien
         "id"
     ]
     stream = open_stream(f"/api/v1/runs/{run_id}/events")
-    stream.wait_events(4)  # pending, queued, running…, waiting
+    # Cancel once the delay is parked (cancelling a step still running races its own record).
+    wait_for(lambda: ("step", "wait", "waiting") in _moves(stream.events), what="the delay to park")
     assert client.post(f"/api/v1/runs/{run_id}/cancel", headers=headers).status_code == 200
     received = stream.wait_closed()
     assert _moves(received)[-2:] == [("step", "wait", "skipped"), ("run", None, "cancelled")]
@@ -418,47 +418,13 @@ def test_get_run_lists_the_runs_restarted_from_it_newest_first(
 
 # ------------------------------------------------------------------ under gunicorn (baton api)
 
-BATON = str(Path(sys.executable).with_name("baton"))
-
 
 @pytest.fixture
 def gunicorn_api(config: Any, tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
     """``baton api`` with one worker process on the session's database and Redis."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = session_env(config)
-    env.update(
-        DATABASE_URL=str(config.database_url),
-        REDIS_URL=str(config.redis_url),
-        BATON_QUEUE_NAMESPACE=config.queue_namespace,
-        BATON_RATE_LIMIT="1000000/minute",
-        BATON_LOG_LEVEL="WARNING",
-    )
     log = tmp_path / "api.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [BATON, "api", "--port", str(port), "--workers", "1"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        try:
-            return requests.get(f"{base}/healthz", timeout=1).status_code == 200
-        except requests.RequestException:
-            return False
-
-    try:
-        wait_for(ready, 30, f"baton api on {base}")
+    with baton_api(config, log, workers=1) as (base, proc):
         yield base, proc, log
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_open_streams_neither_starve_the_api_nor_hold_up_its_shutdown(gunicorn_api, headers):

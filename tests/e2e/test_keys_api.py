@@ -3,10 +3,7 @@ reaches another process (a gunicorn ``baton api``) within a second."""
 
 from __future__ import annotations
 
-import signal
 import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,10 +19,9 @@ from app import keys
 from app.cli import cli
 from app.db import Database
 from app.migrate import upgrade
-from tests.conftest import SCHEMA, new_key, session_env, wait_for
+from tests.conftest import SCHEMA, baton_api, new_key
 from tests.e2e.test_auth_errors import assert_error
 
-BATON = str(Path(sys.executable).with_name("baton"))
 PUBLIC_FIELDS = {"id", "prefix", "name", "scopes", "createdAt", "lastUsedAt"}
 
 
@@ -219,42 +215,8 @@ def _free_port() -> int:
 @pytest.fixture
 def api_process(config: Any, tmp_path: Path) -> Iterator[str]:
     """``baton api`` (gunicorn, two worker processes) on the session's database and Redis."""
-    port = _free_port()
-    env = session_env(config)
-    env.update(
-        DATABASE_URL=str(config.database_url),
-        REDIS_URL=str(config.redis_url),
-        BATON_QUEUE_NAMESPACE=config.queue_namespace,
-        BATON_RATE_LIMIT="1000000/minute",
-        BATON_LOG_LEVEL="WARNING",
-    )
-    log = tmp_path / "api.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [BATON, "api", "--port", str(port), "--workers", "2"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        try:
-            return requests.get(f"{base}/healthz", timeout=1).status_code == 200
-        except requests.RequestException:
-            return False
-
-    try:
-        wait_for(ready, 30, f"baton api on {base}\n{log.read_text(errors='replace')}")
+    with baton_api(config, tmp_path / "api.log", workers=2) as (base, _proc):
         yield base
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_revocation_reaches_another_process_within_one_second(services, api_process):
