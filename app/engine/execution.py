@@ -167,12 +167,13 @@ def _record(session: Session, claim: Claim, outcome: Outcome, to: StepStatus, no
     finished = to in STEP_FINISHED
     values = _result(outcome, now, finished)
     if finished and to == outcome.status and move.one_statement(session):
-        return move.record_logged(session, claim, to, **values)  # the log is this row's copy
+        recorded = move.record_logged(session, claim, to, **values)  # the log is this row's copy
+        if recorded:
+            _count_attempt(session, claim, outcome, to, now)
+        return recorded
     recorded = move.record(session, claim, to, **values)
     if recorded:
-        took_ms = duration_ms(outcome.started_at, now)
-        seconds = took_ms / 1000 if took_ms is not None else None
-        metrics.attempt_recorded(session, claim.step["action"], "retry" if to == S.QUEUED else to, seconds)
+        _count_attempt(session, claim, outcome, to, now)
         status = outcome.status if outcome.status != S.WAITING else S.SUCCESS
         move.log_attempt(
             session,
@@ -185,6 +186,13 @@ def _record(session: Session, claim: Claim, outcome: Outcome, to: StepStatus, no
             error=outcome.error,
         )
     return recorded
+
+
+def _count_attempt(session: Session, claim: Claim, outcome: Outcome, to: StepStatus, now: datetime) -> None:
+    """The attempt's outcome and duration in the metrics, counted at commit."""
+    took_ms = duration_ms(outcome.started_at, now)
+    seconds = took_ms / 1000 if took_ms is not None else None
+    metrics.attempt_recorded(session, claim.step["action"], "retry" if to == S.QUEUED else to, seconds)
 
 
 def _result(outcome: Outcome, now: datetime, finished: bool) -> dict[str, Any]:
@@ -207,6 +215,8 @@ def _chain(session: Session, claim: Claim, outcome: Outcome, now: datetime) -> N
     if move.one_statement(session):
         values = _result(outcome, now, finished=True)
         recorded, claimed = move.record_and_claim_next(session, claim, outcome.status, lease, **values)
+        if recorded:
+            _count_attempt(session, claim, outcome, outcome.status, now)
     else:
         recorded = _record(session, claim, outcome, outcome.status, now)
         claimed = recorded and move.claim_next(session, claim, position, now, lease)
