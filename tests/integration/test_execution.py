@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import delete, event
 
-from app import engine
+from app import engine, metrics
 from app.actions import Park
 from app.engine import Outcome
 from app.engine.execution import lease_until
@@ -205,6 +205,20 @@ def test_a_chained_step_is_recorded_logged_and_the_next_claimed_in_one_statement
     assert counts == {"statements": 1, "commits": 1}
     assert e.statuses(run_id) == [S.SUCCESS, S.RUNNING]
     assert [(a.step_id, a.status, a.output) for a in e.attempts(run_id)] == [("a", S.SUCCESS, {"v": 1})]
+
+
+def test_attempts_recorded_in_one_statement_are_counted_in_the_metrics(e: Engine) -> None:
+    def successes() -> float:
+        return metrics.STEP_ATTEMPTS.labels("transform", "success")._value.get()
+
+    _run_id, claim = e.start(step("a"), step("b"))
+    before = successes()
+    b = e.record(claim, success()).claim
+    assert b is not None and successes() == before + 1, "the chained step"
+    e.record(b, success())
+    assert successes() == before + 2, "the last step"
+    e.record(b, success())
+    assert successes() == before + 2, "a duplicate record counts nothing"
 
 
 def test_a_chained_record_that_does_not_apply_logs_nothing_and_claims_nothing(e: Engine) -> None:
