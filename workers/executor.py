@@ -173,16 +173,6 @@ def persist(write: Callable[..., T], *args: Any, for_s: float = PERSIST_FOR_S) -
             pause = min(pause * 2, 2.0)
 
 
-def cancel_seen(services: Services, run_id: str) -> bool:
-    """The cancel flag; with Redis down, the database decides at the claim (flag = mirror)."""
-    try:
-        return services.is_cancel_requested(run_id)
-    except Exception as exc:
-        if not is_transient(exc):
-            raise
-        return False
-
-
 def execute_step(
     services: Services,
     leases: LeaseHeartbeat,
@@ -221,9 +211,8 @@ def execute_message(
     step_id: str,
     attempt: int,
 ) -> None:
-    """Claim the message's step and run its chain (nothing if the message is stale or cancelled)."""
-    if cancel_seen(services, run_id):
-        return
+    """Claim the message's step and run its chain (nothing if the message is stale or cancelled:
+    the claim refuses a step of a run that is no longer running, so no cancel flag is read)."""
     claim = engine.claim_step(services, run_id, step_id, attempt)  # an outage: the message is retried
     if claim is not None:
         run_chain(services, leases, time_limit, claim)
@@ -232,8 +221,8 @@ def execute_message(
 def run_chain(
     services: Services, leases: LeaseHeartbeat, time_limit: StepTimeLimit, claim: Claim | None
 ) -> None:
-    """Execute a claimed step, record it, and keep going inline while the next step is claimed."""
-    run_id = claim.run_id if claim is not None else ""
+    """Execute a claimed step, record it, and keep going inline while the next step is claimed (the
+    record claims it only while the run is running: a cancel committed before stops the chain)."""
     while claim is not None:
         leases.hold(claim)
         logged = logs.bind(
@@ -250,6 +239,3 @@ def run_chain(
             logs.reset(logged)
             leases.release(claim)
         claim = nxt.claim
-        if claim is not None and cancel_seen(services, run_id):
-            persist(engine.release_claim, services, claim)
-            return

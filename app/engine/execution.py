@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from app import metrics, templating
 from app.engine import statements as sql
 from app.engine import transitions as move
-from app.engine.reads import definition_for, lock_run, results_of, step_runs
+from app.engine.reads import definition_for, finished_results, lock_run, results_of, step_runs
 from app.engine.retry import RetryPolicy
 from app.engine.states import LEASE, LEASE_GRACE, RUN_EXECUTING, STEP_FINISHED
 from app.engine.trigger import send_or_leave_to_sweep
@@ -34,35 +34,65 @@ def lease_until(claim_started: datetime, step: dict[str, Any], now: datetime) ->
 def claim_step(services: Services, run_id: str, step_id: str, attempt: int) -> Claim | None:
     """Take a queued (or due, waiting) step; None when the message is stale or the run is not active."""
     with services.db.session() as session:
-        run = lock_run(session, run_id, with_input=True)
-        if run is None or run.status not in RUN_EXECUTING:
-            return None
+        if not move.one_statement(session):
+            return _claim_locked(services, session, run_id, step_id, attempt)
         now = utcnow()
-        if run.deadline_at is not None and run.deadline_at <= now:
-            move.end_run(session, run, R.TIMEOUT, now, error=move.RUN_TIMEOUT)
-            session.commit()
-            services.request_cancel(run.id)
+        # lease_until for a claim made now, without the definition (not known before the read).
+        row = move.claim_queued(session, run_id, step_id, attempt, now, now + min(LEASE, LEASE_GRACE))
+        if row is None or (row.position is None and row.status not in RUN_EXECUTING):
             return None
-        definition = definition_for(session, run.workflow_key, run.workflow_version)
-        rows = step_runs(session, run_id)
-        target = next((r for r in rows if r.step_id == step_id), None)
-        if target is None or target.attempt != attempt:
-            return None
-        due = target.status == S.WAITING and target.queued_at is not None and target.queued_at <= now
-        if target.status != S.QUEUED and not due:
-            return None
-        started = target.started_at if due else now
-        values: dict[str, Any] = {
-            "lease_expires_at": lease_until(now, definition["steps"][target.position], now)
-        }
-        if not due:
-            values.update(started_at=now, completed_at=None, duration_ms=None)
-        if not move.claim_step(session, target, values):
+        if row.position is None:  # a due delay, a stale message or a deadline passed: the general way
             session.rollback()
-            return None
-        if run.status == R.PENDING:
-            move.start_run(session, run, now)
+            return _claim_locked(services, session, run_id, step_id, attempt)
+        definition = definition_for(session, row.workflow_key, row.workflow_version)
+        # Only a step after the first has finished steps before it (their results feed templates).
+        results = finished_results(session, run_id) if row.position > 0 else {}
         session.commit()
+    return Claim(
+        run_id=run_id,
+        company_id=row.company_id,
+        workflow_id=row.workflow_id,
+        trigger_type=row.trigger_type,
+        run_input=row.input,
+        definition=definition,
+        position=row.position,
+        attempt=attempt,
+        started_at=now,
+        results=results,
+    )
+
+
+def _claim_locked(
+    services: Services, session: Session, run_id: str, step_id: str, attempt: int
+) -> Claim | None:
+    """The general claim: the run locked and loaded with its steps (SQLite, due delays, deadlines)."""
+    run = lock_run(session, run_id, with_input=True)
+    if run is None or run.status not in RUN_EXECUTING:
+        return None
+    now = utcnow()
+    if run.deadline_at is not None and run.deadline_at <= now:
+        move.end_run(session, run, R.TIMEOUT, now, error=move.RUN_TIMEOUT)
+        session.commit()
+        services.request_cancel(run.id)
+        return None
+    definition = definition_for(session, run.workflow_key, run.workflow_version)
+    rows = step_runs(session, run_id)
+    target = next((r for r in rows if r.step_id == step_id), None)
+    if target is None or target.attempt != attempt:
+        return None
+    due = target.status == S.WAITING and target.queued_at is not None and target.queued_at <= now
+    if target.status != S.QUEUED and not due:
+        return None
+    started = target.started_at if due else now
+    values: dict[str, Any] = {"lease_expires_at": lease_until(now, definition["steps"][target.position], now)}
+    if not due:
+        values.update(started_at=now, completed_at=None, duration_ms=None)
+    if not move.claim_step(session, target, values):
+        session.rollback()
+        return None
+    if run.status == R.PENDING:
+        move.start_run(session, run, now)
+    session.commit()
     return Claim.of_run(
         run,
         definition,
@@ -135,21 +165,15 @@ def record_result(services: Services, claim: Claim, outcome: Outcome) -> Next:
 def _record(session: Session, claim: Claim, outcome: Outcome, to: StepStatus, now: datetime) -> bool:
     """The step row and its attempt log, for a finished attempt."""
     finished = to in STEP_FINISHED
-    recorded = move.record(
-        session,
-        claim,
-        to,
-        input=outcome.input,
-        output=outcome.output,
-        error=outcome.error,
-        started_at=outcome.started_at,
-        completed_at=now if finished else None,
-        duration_ms=duration_ms(outcome.started_at, now) if finished else None,
-    )
+    values = _result(outcome, now, finished)
+    if finished and to == outcome.status and move.one_statement(session):
+        recorded = move.record_logged(session, claim, to, **values)  # the log is this row's copy
+        if recorded:
+            _count_attempt(session, claim, outcome, to, now)
+        return recorded
+    recorded = move.record(session, claim, to, **values)
     if recorded:
-        took_ms = duration_ms(outcome.started_at, now)
-        seconds = took_ms / 1000 if took_ms is not None else None
-        metrics.attempt_recorded(session, claim.step["action"], "retry" if to == S.QUEUED else to, seconds)
+        _count_attempt(session, claim, outcome, to, now)
         status = outcome.status if outcome.status != S.WAITING else S.SUCCESS
         move.log_attempt(
             session,
@@ -164,14 +188,42 @@ def _record(session: Session, claim: Claim, outcome: Outcome, to: StepStatus, no
     return recorded
 
 
+def _count_attempt(session: Session, claim: Claim, outcome: Outcome, to: StepStatus, now: datetime) -> None:
+    """The attempt's outcome and duration in the metrics, counted at commit."""
+    took_ms = duration_ms(outcome.started_at, now)
+    seconds = took_ms / 1000 if took_ms is not None else None
+    metrics.attempt_recorded(session, claim.step["action"], "retry" if to == S.QUEUED else to, seconds)
+
+
+def _result(outcome: Outcome, now: datetime, finished: bool) -> dict[str, Any]:
+    """The step row's columns for an attempt's outcome."""
+    return {
+        "input": outcome.input,
+        "output": outcome.output,
+        "error": outcome.error,
+        "started_at": outcome.started_at,
+        "completed_at": now if finished else None,
+        "duration_ms": duration_ms(outcome.started_at, now) if finished else None,
+    }
+
+
 def _chain(session: Session, claim: Claim, outcome: Outcome, now: datetime) -> Next | None:
-    """Step done, another follows: record it and claim the next one, in one transaction."""
-    if not _record(session, claim, outcome, outcome.status, now):
-        return None
-    claim.results[claim.step_id] = {"output": outcome.output, "status": outcome.status}
+    """Step done, another follows: record it and claim the next one, in one transaction (in one
+    statement on PostgreSQL)."""
     position = claim.position + 1
     lease = lease_until(now, claim.definition["steps"][position], now)
-    if not move.claim_next(session, claim, position, now, lease):
+    if move.one_statement(session):
+        values = _result(outcome, now, finished=True)
+        recorded, claimed = move.record_and_claim_next(session, claim, outcome.status, lease, **values)
+        if recorded:
+            _count_attempt(session, claim, outcome, outcome.status, now)
+    else:
+        recorded = _record(session, claim, outcome, outcome.status, now)
+        claimed = recorded and move.claim_next(session, claim, position, now, lease)
+    if not recorded:
+        return None
+    claim.results[claim.step_id] = {"output": outcome.output, "status": outcome.status}
+    if not claimed:
         return Next()  # the run ended meanwhile (cancel, timeout): nothing follows
     follow = claim.following(now)
     return Next(claim=follow)

@@ -94,6 +94,26 @@ def claim_step(session: Session, row: StepRun, values: dict[str, Any]) -> bool:
     return True
 
 
+def claim_queued(
+    session: Session, run_id: str, step_id: str, attempt: int, now: datetime, lease: datetime
+) -> Any:
+    """The message's queued step → running, and a pending run → running, in one statement
+    (PostgreSQL; ``statements.CLAIM_QUEUED``): its row, or None when the run does not exist."""
+    check_step_move(S.QUEUED, S.RUNNING)
+    check_run_move(R.PENDING, R.RUNNING)
+    params = {"b_run": run_id, "b_step": step_id, "b_attempt": attempt, "now": now, "lease": lease}
+    row = session.connection().execute(sql.CLAIM_QUEUED, params).one_or_none()
+    if row is None or row.position is None:
+        return row
+    data = events.step_data(run_id, step_id, S.RUNNING, attempt, now, error=row.error)
+    events.note_step(session, row, data)
+    if row.started:
+        run = Run(id=run_id, company_id=row.company_id, workflow_id=row.workflow_id, status=R.RUNNING)
+        run.started_at = now
+        events.note_run(session, run)
+    return row
+
+
 def claim_next(session: Session, claim: Claim, position: int, now: datetime, lease: datetime) -> bool:
     """The step after ``claim`` (pending) → running, only while the run is still running."""
     params = {"b_run": claim.run_id, "b_step": claim.definition["steps"][position]["id"]}
@@ -106,13 +126,56 @@ def claim_next(session: Session, claim: Claim, position: int, now: datetime, lea
 def record(session: Session, claim: Claim, to: StepStatus, **values: Any) -> bool:
     """The claimed attempt (running) → ``to``: its result, or ``queued`` for a retry."""
     check_step_move(S.RUNNING, to)
-    params = {"b_run": claim.run_id, "b_step": claim.step_id, "b_attempt": claim.attempt}
-    defaults = {"input": None, "output": None, "error": None, "completed_at": None, "duration_ms": None}
-    values = {**defaults, **values}
-    if session.execute(sql.RECORD, {**params, **values, "status": to}).rowcount != 1:
+    if session.connection().execute(sql.RECORD, _record_params(claim, to, values)).rowcount != 1:
         return False
     _note_claimed(session, claim, to, values)
     return True
+
+
+_RECORDED = ("input", "output", "error", "started_at", "completed_at", "duration_ms")
+
+
+def _record_params(claim: Claim, to: StepStatus, values: dict[str, Any]) -> dict[str, Any]:
+    """RECORD's parameters (``v_`` + column; a column not given is written NULL)."""
+    params = {"b_run": claim.run_id, "b_step": claim.step_id, "b_attempt": claim.attempt, "v_status": to}
+    return params | {f"v_{name}": values.get(name) for name in _RECORDED}
+
+
+def one_statement(session: Session) -> bool:
+    """Whether the database takes data-modifying CTEs (PostgreSQL; SQLite runs them one by one)."""
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def record_logged(session: Session, claim: Claim, to: StepStatus, **values: Any) -> bool:
+    """``record`` of a finished attempt and its ``step_attempts`` row in one statement (PostgreSQL:
+    the log copies what the record wrote, so it is written only when the record applied)."""
+    check_step_move(S.RUNNING, to)
+    params = _record_params(claim, to, values)
+    recorded, _logged = session.connection().execute(sql.RECORD_LOG, params).one()
+    if recorded != 1:
+        return False
+    _note_claimed(session, claim, to, values)
+    return True
+
+
+def record_and_claim_next(
+    session: Session, claim: Claim, to: StepStatus, lease: datetime, **values: Any
+) -> tuple[bool, bool]:
+    """``record_logged`` and ``claim_next`` (the step after, while the run is running) in one
+    statement (PostgreSQL): whether the record applied, and whether the next step was claimed."""
+    check_step_move(S.RUNNING, to)
+    check_step_move(S.PENDING, S.RUNNING)
+    params = _record_params(claim, to, values)
+    following = claim.definition["steps"][claim.position + 1]["id"]
+    now = values["completed_at"]
+    extra = {"b_next": following, "now": now, "lease": lease}
+    _held, recorded, _logged, claimed = session.connection().execute(sql.CHAIN, {**params, **extra}).one()
+    if recorded != 1:
+        return False, False
+    _note_claimed(session, claim, to, values)
+    if claimed == 1:
+        events.note_step(session, claim, events.step_data(claim.run_id, following, S.RUNNING, 1, now))
+    return True, claimed == 1
 
 
 def update_claimed(session: Session, claim: Claim, to: StepStatus, **values: Any) -> bool:

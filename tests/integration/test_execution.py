@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import delete
+from sqlalchemy import delete, event
 
-from app import engine
+from app import engine, metrics
 from app.actions import Park
 from app.engine import Outcome
 from app.engine.execution import lease_until
@@ -60,6 +63,17 @@ def test_claim_takes_the_queued_step_and_starts_the_run(e: Engine) -> None:
     assert row.lease_expires_at == claim.started_at + LEASE
     run = e.run(run_id)
     assert run.status == R.RUNNING and run.started_at == claim.started_at
+
+
+def test_a_message_claim_starts_the_run_in_one_statement_and_one_commit(e: Engine) -> None:
+    run_id = e.trigger(e.workflow(step("a"), step("b")))
+    with statements_of_this_thread(e) as counts:
+        claim = e.claim(run_id, "a")
+    assert claim is not None and claim.step_id == "a"
+    assert counts == {"statements": 1, "commits": 1}, "no ORM load of the run or of its steps"
+    assert e.run(run_id).status == R.RUNNING and e.statuses(run_id) == [S.RUNNING, S.PENDING]
+    kinds = [(ev["kind"], ev.get("stepId"), ev["status"]) for ev in e.events(run_id)]
+    assert kinds[-2:] == [("step", "a", "running"), ("run", None, "running")]
 
 
 def test_a_duplicate_message_claims_nothing(e: Engine) -> None:
@@ -157,6 +171,71 @@ def test_success_chains_to_the_next_step_in_one_commit_without_a_message(e: Engi
     assert b.lease_expires_at == completed + LEASE
     [log] = e.attempts(run_id)
     assert (log.step_id, log.attempt, log.status, log.output) == ("a", 1, S.SUCCESS, {"v": 1})
+
+
+@contextmanager
+def statements_of_this_thread(e: Engine) -> Iterator[dict[str, int]]:
+    """Count the SQL statements and commits this thread sends (other tiers' workers may share the engine)."""
+    counts = {"statements": 0, "commits": 0}
+    me = threading.get_ident()
+
+    def statement(*_args: object) -> None:
+        if threading.get_ident() == me:
+            counts["statements"] += 1
+
+    def commit(*_args: object) -> None:
+        if threading.get_ident() == me:
+            counts["commits"] += 1
+
+    bind = e.services.db.engine
+    event.listen(bind, "before_cursor_execute", statement)
+    event.listen(bind, "commit", commit)
+    try:
+        yield counts
+    finally:
+        event.remove(bind, "before_cursor_execute", statement)
+        event.remove(bind, "commit", commit)
+
+
+def test_a_chained_step_is_recorded_logged_and_the_next_claimed_in_one_statement(e: Engine) -> None:
+    run_id, claim = e.start(step("a"), step("b"))
+    with statements_of_this_thread(e) as counts:
+        nxt = e.record(claim, success({"v": 1}))
+    assert nxt.claim is not None and nxt.claim.step_id == "b"
+    assert counts == {"statements": 1, "commits": 1}
+    assert e.statuses(run_id) == [S.SUCCESS, S.RUNNING]
+    assert [(a.step_id, a.status, a.output) for a in e.attempts(run_id)] == [("a", S.SUCCESS, {"v": 1})]
+
+
+def test_attempts_recorded_in_one_statement_are_counted_in_the_metrics(e: Engine) -> None:
+    def successes() -> float:
+        return metrics.STEP_ATTEMPTS.labels("transform", "success")._value.get()
+
+    _run_id, claim = e.start(step("a"), step("b"))
+    before = successes()
+    b = e.record(claim, success()).claim
+    assert b is not None and successes() == before + 1, "the chained step"
+    e.record(b, success())
+    assert successes() == before + 2, "the last step"
+    e.record(b, success())
+    assert successes() == before + 2, "a duplicate record counts nothing"
+
+
+def test_a_chained_record_that_does_not_apply_logs_nothing_and_claims_nothing(e: Engine) -> None:
+    run_id, claim = e.start(step("a"), step("b"))
+    e.record(claim, success())
+    assert e.record(claim, success({"v": 2})).claim is None, "a duplicate delivery's record"
+    assert e.step(run_id, "a").output == {"ok": True}
+    assert [(a.step_id, a.attempt) for a in e.attempts(run_id)] == [("a", 1)], "exactly one log row"
+    assert e.statuses(run_id) == [S.SUCCESS, S.RUNNING]
+
+
+def test_a_chain_after_cancel_records_and_logs_but_claims_nothing(e: Engine) -> None:
+    run_id, claim = e.start(step("a"), step("b"))
+    e.cancel(run_id)
+    assert e.record(claim, success()).claim is None
+    assert e.statuses(run_id) == [S.SUCCESS, S.SKIPPED]
+    assert [(a.step_id, a.status) for a in e.attempts(run_id)] == [("a", S.SUCCESS)]
 
 
 def test_the_last_success_completes_the_run_with_its_output(e: Engine) -> None:
