@@ -46,7 +46,24 @@ CAPACITY_TTL_S = 3 * 5.0  # a worker process's registration lapses after three m
 # KEYS: the company's slots, its parked list, the capacity set.
 # ARGV: member, now, lease expiry, cap (-1 auto), key ttl (s), the message to park if over the cap.
 # Returns 1 for a new slot, 2 when the member already holds one, 0 when parked.
-_ENTER = """
+# "auto": three quarters of the live worker threads (``none`` when no worker is registered).
+_AUTO_CAP = """
+local function auto_cap(capacity, now, none)
+  redis.call('ZREMRANGEBYSCORE', capacity, '-inf', now)
+  local total = 0
+  for _, entry in ipairs(redis.call('ZRANGE', capacity, 0, -1)) do
+    total = total + tonumber(string.match(entry, '(%d+)$'))
+  end
+  if total == 0 then
+    return none
+  end
+  return math.max(1, total - math.max(1, math.floor(total / 4)))
+end
+"""
+
+_ENTER = (
+    _AUTO_CAP
+    + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
   redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
@@ -59,16 +76,7 @@ if cap == -2 then
   return 0
 end
 if cap < 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[2])
-  local total = 0
-  for _, entry in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
-    total = total + tonumber(string.match(entry, '(%d+)$'))
-  end
-  if total == 0 then
-    cap = 0
-  else
-    cap = math.max(1, total - math.max(1, math.floor(total / 4)))
-  end
+  cap = auto_cap(KEYS[3], ARGV[2], 0)
 end
 if cap > 0 and redis.call('ZCARD', KEYS[1]) >= cap then
   redis.call('RPUSH', KEYS[2], ARGV[6])
@@ -79,6 +87,7 @@ redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 """
+)
 
 # KEYS: the company's slots, its parked list. ARGV: member, lease expiry, key ttl (s).
 # Frees the member's slot; if a message is parked, its run takes the slot and the message is returned.
@@ -257,20 +266,13 @@ def release(services: Services, company_id: str, run_id: str) -> None:
 
 # KEYS: the company's slots, its parked list, the capacity set. ARGV: now, cap (-1 auto), most.
 # Pops parked messages while the company is under its cap (the same cap ``enter`` applies).
-_RESCUE = """
+_RESCUE = (
+    _AUTO_CAP
+    + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 local cap = tonumber(ARGV[2])
 if cap < 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[1])
-  local total = 0
-  for _, entry in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
-    total = total + tonumber(string.match(entry, '(%d+)$'))
-  end
-  if total == 0 then
-    cap = 1000000
-  else
-    cap = math.max(1, total - math.max(1, math.floor(total / 4)))
-  end
+  cap = auto_cap(KEYS[3], ARGV[1], 1000000)
 end
 local room = math.min(cap - redis.call('ZCARD', KEYS[1]), tonumber(ARGV[3]))
 if room <= 0 then
@@ -286,6 +288,7 @@ for _ = 1, room do
 end
 return popped
 """
+)
 _RESCUE_SCRIPT = Script(None, _RESCUE.encode())
 RESCUE_MOST = 100  # messages sent back per company and beat
 
