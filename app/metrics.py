@@ -108,15 +108,21 @@ def run_finished(session: Session, workflow_id: str, status: str) -> None:
     on_commit(session, RUNS_FINISHED.labels(workflow_id, str(status)).inc)
 
 
+def count_run_finished(workflow_id: str, status: str) -> None:
+    """``run_finished`` for a transaction that already committed."""
+    RUNS_FINISHED.labels(workflow_id, str(status)).inc()
+
+
 def attempt_recorded(session: Session, action: str, outcome: str, seconds: float | None) -> None:
     """One step attempt ended: its outcome and (when it ran) its duration, counted at commit."""
+    on_commit(session, lambda: count_attempt(action, outcome, seconds))
 
-    def count() -> None:
-        STEP_ATTEMPTS.labels(action, outcome).inc()
-        if seconds is not None:
-            STEP_DURATION.labels(action).observe(max(0.0, seconds))
 
-    on_commit(session, count)
+def count_attempt(action: str, outcome: str, seconds: float | None) -> None:
+    """``attempt_recorded`` for a transaction that already committed."""
+    STEP_ATTEMPTS.labels(action, outcome).inc()
+    if seconds is not None:
+        STEP_DURATION.labels(action).observe(max(0.0, seconds))
 
 
 def swept(counts: dict[str, int]) -> None:
