@@ -124,9 +124,35 @@ class Tx:
     def note_run(self, claim: Any, data: dict[str, Any]) -> None:
         self.events.append(events.Event(events.RUN, data["runId"], claim.company_id, claim.workflow_id, data))
 
+    def one_and_commit(self, statement: Statement, params: dict[str, Any]) -> Any:
+        """The transaction's last statement, then its commit; the statement's row. A lone statement
+        runs in autocommit mode: its own transaction, one round trip (no BEGIN or COMMIT); after a
+        deferred claim the commit follows. Only for a statement that writes nothing when it does
+        not apply (the commit does not depend on its row)."""
+        _observe("statement")
+        _observe("commit")
+        conn = self.conn
+        query = {**statement.constants, **params}
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            row = conn.execute(statement.text, query).fetchone()
+            conn.commit()
+            return row
+        conn.autocommit = True
+        try:
+            return conn.execute(statement.text, query).fetchone()
+        finally:
+            try:
+                conn.autocommit = False
+            except psycopg.Error:  # a broken connection: the pool replaces it (``close``)
+                pass
+
     def commit(self) -> None:
         _observe("commit")
         self.conn.commit()
+        self.after_commit()
+
+    def after_commit(self) -> None:
+        """Publish the noted events and count the noted metrics (the transaction committed)."""
         if self.events:
             publisher = events.publisher_for(self.db)
             if publisher is not None:
@@ -307,16 +333,14 @@ def chain(
     now = values["completed_at"]
     params = record_params(claim, outcome.status, values) | {"b_next": following, "now": now, "lease": lease}
     with _tx_of(db, claim) as tx:
-        _held, recorded, _logged, claimed = tx.one(CHAIN, params)
-        if recorded != 1:
-            tx.rollback()
-            return False, False
-        note_recorded(tx, claim, outcome.status, values)
-        count_attempt(tx, claim, outcome, outcome.status, values["duration_ms"])
-        if claimed == 1:
-            tx.note_step(claim, events.step_data(claim.run_id, following, S.RUNNING, 1, now))
-        tx.commit()
-    return True, claimed == 1
+        _held, recorded, _logged, claimed = tx.one_and_commit(CHAIN, params)
+        if recorded == 1:
+            note_recorded(tx, claim, outcome.status, values)
+            count_attempt(tx, claim, outcome, outcome.status, values["duration_ms"])
+            if claimed == 1:
+                tx.note_step(claim, events.step_data(claim.run_id, following, S.RUNNING, 1, now))
+        tx.after_commit()
+    return recorded == 1, claimed == 1
 
 
 def finish(
@@ -336,11 +360,11 @@ def finish(
         "r_error": jsonb(error),
     }
     with _tx_of(db, claim) as tx:
-        _held, recorded, _logged, finished = tx.one(
+        _held, recorded, _logged, finished = tx.one_and_commit(
             FINISH, record_params(claim, outcome.status, values) | run_values
         )
         if recorded != 1:
-            tx.rollback()
+            tx.after_commit()
             return None
         note_recorded(tx, claim, outcome.status, values)
         count_attempt(tx, claim, outcome, outcome.status, values["duration_ms"])
@@ -350,5 +374,5 @@ def finish(
             )
             tx.note_run(claim, data)
             tx.counts.append(lambda: metrics.count_run_finished(claim.workflow_id, status))
-        tx.commit()
+        tx.after_commit()
     return finished == 1

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 
+import psycopg
 import pytest
 from sqlalchemy import delete, event
 
@@ -675,3 +676,15 @@ def test_only_pure_actions_defer_their_claim(e: Engine) -> None:
     claim = engine.claim_step(e.services, run_id, "a", 1, defer_pure=True)
     assert claim is not None and claim.tx is None, "a step with effects is claimed, committed, then run"
     assert e.statuses(run_id) == [S.RUNNING]
+
+
+def test_a_lone_hot_statement_commits_by_itself_and_leaves_the_connection_transactional(e: Engine) -> None:
+    from sqlalchemy import literal, select
+
+    with hotpath.Tx(e.services.db) as tx:
+        assert tx.one_and_commit(hotpath.Statement(select(literal(7))), {}) == (7,)
+        assert tx.conn.autocommit is False, "the pool's connections stay in transaction mode"
+        assert tx.conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        tx.one(hotpath.Statement(select(literal(8))), {})
+        assert tx.conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+    assert tx.conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE, "rolled back on close"
