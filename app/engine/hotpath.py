@@ -27,6 +27,7 @@ from app import events, metrics
 from app.db import Database
 from app.engine import statements as sql
 from app.engine.reads import cached_definition, remember_definition
+from app.engine.transitions import claimed_data
 from app.engine.types import Claim, Outcome
 from app.timeutil import duration_ms
 from models.states import RunStatus, StepStatus
@@ -199,18 +200,8 @@ def record_params(claim: Claim, to: StepStatus, values: dict[str, Any]) -> dict[
 
 
 def note_recorded(tx: Tx, claim: Claim, to: StepStatus, values: dict[str, Any]) -> None:
-    """The recorded attempt's event (as ``transitions._note_claimed``)."""
-    data = events.step_data(
-        claim.run_id,
-        claim.step_id,
-        to,
-        claim.attempt,
-        values.get("started_at", claim.started_at),
-        values.get("completed_at"),
-        values.get("duration_ms"),
-        values.get("error"),
-    )
-    tx.note_step(claim, data)
+    """The recorded attempt's event."""
+    tx.note_step(claim, claimed_data(claim, to, values))
 
 
 def count_attempt(tx: Tx, claim: Claim, outcome: Outcome, to: StepStatus, duration_ms: int | None) -> None:

@@ -158,8 +158,12 @@ def update_claimed(session: Session, claim: Claim, to: StepStatus, **values: Any
 
 
 def _note_claimed(session: Session, claim: Claim, to: StepStatus, values: dict[str, Any]) -> None:
-    """The claimed attempt's event, from the columns just written (no read)."""
-    data = events.step_data(
+    events.note_step(session, claim, claimed_data(claim, to, values))
+
+
+def claimed_data(claim: Claim, to: StepStatus, values: dict[str, Any]) -> dict[str, Any]:
+    """The claimed attempt's event payload, from the columns just written (no read)."""
+    return events.step_data(
         claim.run_id,
         claim.step_id,
         to,
@@ -169,7 +173,6 @@ def _note_claimed(session: Session, claim: Claim, to: StepStatus, values: dict[s
         values.get("duration_ms"),
         values.get("error"),
     )
-    events.note_step(session, claim, data)
 
 
 def move_step(session: Session, row: StepRun, to: StepStatus, **values: Any) -> bool:
