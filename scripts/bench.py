@@ -1737,7 +1737,7 @@ def header(report: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- main
 
 PHASES = ("triggers", "throughput", "latency", "list")
-DEFAULT_LIST_LOAD = 400.0  # steps/s, when this run measured no throughput
+DEFAULT_LIST_LOAD = 250.0  # steps/s when this run measured no throughput (about half of A on 2 cores)
 QUICK = {
     "runs": 200,
     "rounds": 1,
