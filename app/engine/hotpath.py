@@ -24,7 +24,7 @@ import psycopg
 from sqlalchemy.dialects.postgresql import psycopg as pg_dialect
 
 from app import events, metrics
-from app.db import Database
+from app.db import Database, count_statements
 from app.engine import statements as sql
 from app.engine.reads import cached_definition, remember_definition
 from app.engine.transitions import claimed_data
@@ -72,6 +72,8 @@ observers: list[Callable[[str], None]] = []
 
 
 def _observe(kind: str) -> None:
+    if kind == "statement":
+        count_statements()  # the process's statement counter (the ORM engine's event misses these)
     for observer in observers:
         observer(kind)
 

@@ -688,3 +688,14 @@ def test_a_lone_hot_statement_commits_by_itself_and_leaves_the_connection_transa
         tx.one(hotpath.Statement(select(literal(8))), {})
         assert tx.conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
     assert tx.conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE, "rolled back on close"
+
+
+def test_hot_path_statements_count_in_the_process_statement_counter(e: Engine) -> None:
+    from app import db
+
+    run_id, claim = e.start(step("a"), step("b"))
+    before = db.statements_executed()
+    with statements_of_this_thread(e) as counts:
+        e.record(claim, success())
+    assert counts["statements"] == 1
+    assert db.statements_executed() - before >= 1, "the driver-connection statement is counted too"
