@@ -238,7 +238,7 @@ class Publisher:
         self.redis = client
         self.namespace = namespace
         self.append = client.register_script(_APPEND)  # EVALSHA, loaded again after a Redis restart
-        self._outbox: queue.SimpleQueue[list[Any] | None] | None = None
+        self._outbox: queue.SimpleQueue[Any] | None = None
         self._shipper: threading.Thread | None = None
 
     def after_commit(self, session: Session) -> None:
@@ -306,6 +306,16 @@ class Publisher:
         shipper.join(timeout_s)
         self._outbox = self._shipper = None
 
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until the shipping thread has sent every commit handed to it before this call
+        (at once when not shipping); False if it did not within ``timeout_s``."""
+        outbox = self._outbox
+        if outbox is None:
+            return True
+        sent = threading.Event()
+        outbox.put(sent)
+        return sent.wait(timeout_s)
+
     def _ship(self) -> None:
         outbox = self._outbox
         assert outbox is not None
@@ -314,17 +324,27 @@ class Publisher:
             first = outbox.get()
             if first is None:
                 return
-            batch = list(first)
-            while len(batch) < self.BATCH_EVENTS:
+            batch: list[Any] = []
+            flushed: list[threading.Event] = []
+            item: Any = first
+            while True:
+                if isinstance(item, threading.Event):
+                    flushed.append(item)
+                else:
+                    batch += item
+                if len(batch) >= self.BATCH_EVENTS:
+                    break
                 try:
-                    more = outbox.get_nowait()
+                    item = outbox.get_nowait()
                 except queue.Empty:
                     break
-                if more is None:
+                if item is None:
                     stopping = True
                     break
-                batch += more
-            self._send(batch)
+            if batch:
+                self._send(batch)
+            for done in flushed:
+                done.set()
 
 
 def _run_moves_last(e: Event) -> bool:

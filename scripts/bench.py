@@ -107,6 +107,16 @@ dramatiq.set_broker(broker)
 marks = redis.Redis.from_url(os.environ["BENCH_REDIS_URL"])
 
 
+class Ready(dramatiq.Middleware):
+    """Each worker process says when it consumes (the bench releases the held messages then)."""
+
+    def after_worker_boot(self, broker, worker):
+        marks.sadd("{BARE_NAMESPACE}:ready", os.getpid())
+
+
+broker.add_middleware(Ready())
+
+
 @dramatiq.actor(queue_name="{BARE_QUEUE}", max_retries=0)
 def hop(chain, index, length, key):
     if index == 0 and chain < 16:  # the first chains mark when work began
@@ -708,6 +718,30 @@ class Bench:
         series = metrics.series_key(metrics.DB_STATEMENTS_SERIES, {})
         return metrics.retired_samples(self.redis, self.namespace).get(series, 0.0)
 
+    def hold(self, list_key: str) -> str | None:
+        """Hide a Redis broker queue's messages (its list of ids) while the worker processes start,
+        so the round starts when all of them consume: otherwise the first process to boot works
+        alone for a while, and the start-up skew of each side (Baton's processes import more) would
+        be counted as its throughput. Returns the held key (None: nothing to hold, or RabbitMQ)."""
+        if self.args.broker_url and list_key != f"{BARE_NAMESPACE}:{BARE_QUEUE}":
+            return None
+        held = list_key + ".held"
+        try:
+            self.redis.rename(list_key, held)
+        except redis.ResponseError:  # no such key: nothing queued
+            return None
+        return held
+
+    def release(self, held: str | None) -> None:
+        if held is not None:
+            self.redis.rename(held, held.removesuffix(".held"))
+
+    def baton_queue_key(self) -> str:
+        """The Redis list of Baton's step messages (``<namespace>:steps``)."""
+        from app.queue import STEPS_QUEUE
+
+        return f"{self.namespace}:{STEPS_QUEUE}"
+
     def wait_workers_ready(self) -> float:
         """Wait until every worker process of ``baton worker`` has published its metrics: a process
         writes its first snapshot 2 s after it loaded the worker module and started its consumers,
@@ -970,8 +1004,12 @@ class Bench:
         c1 = self.flushed()
         statements_before = self.retired_statements()
         log(f"baton round {index} (HTTP): {a.runs / trigger_s:.0f} triggers/s; starting baton worker")
+        held = self.hold(self.baton_queue_key())
         spawned = time.monotonic()
         self.start_baton_workers()
+        if held is not None:
+            self.wait_workers_ready()
+            self.release(held)
         done = self.wait_for(
             f"baton round {index} (HTTP) runs completed",
             a.runs,
@@ -1078,11 +1116,19 @@ class Bench:
         a = self.args
         key = f"{BARE_NAMESPACE}:round{index}"
         log(f"bare round {index}: enqueueing {a.runs} chains of {a.steps} messages (workers stopped)")
-        self.redis.delete(key + ":first", key + ":done")
+        self.redis.delete(key + ":first", key + ":done", f"{BARE_NAMESPACE}:ready")
         for chain in range(a.runs):
             self.bare_send(chain, a.steps, key)
+        held = self.hold(f"{BARE_NAMESPACE}:{BARE_QUEUE}")
         spawned = time.monotonic()
         self.start_bare_workers()
+        self.wait_for(
+            f"bare round {index} worker processes ready",
+            a.processes,
+            lambda: self.redis.scard(f"{BARE_NAMESPACE}:ready"),
+            "bare-worker",
+        )
+        self.release(held)
         done = self.wait_for(
             f"bare round {index} chains done", a.runs, lambda: self.redis.llen(key + ":done"), "bare-worker"
         )

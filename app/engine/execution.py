@@ -213,12 +213,19 @@ def _chain_or_finish(services: Services, claim: Claim, outcome: Outcome, now: da
         claim.results[claim.step_id] = {"output": outcome.output, "status": outcome.status}
         hotpath.finish(services.db, claim, outcome, values, run_ending(claim))
         return Next()  # None: someone else recorded this attempt (a duplicate delivery); theirs stands
-    lease = lease_until(now, claim.definition["steps"][claim.position + 1], now)
-    recorded, claimed = hotpath.chain(services.db, claim, outcome, values, lease)
+    following = claim.definition["steps"][claim.position + 1]
+    lease = lease_until(now, following, now)
+    # A chain of pure steps stays in its open transaction (one commit for the lot, held briefly).
+    keep_open = claim.tx is not None and claim.tx.young() and is_pure(following)
+    recorded, claimed, tx = hotpath.chain(services.db, claim, outcome, values, lease, keep_open)
     if not recorded:
         return Next()
     claim.results[claim.step_id] = {"output": outcome.output, "status": outcome.status}
-    return Next(claim=claim.following(now)) if claimed else Next()
+    if not claimed:
+        return Next()
+    nxt = claim.following(now)
+    nxt.tx = tx
+    return Next(claim=nxt)
 
 
 def _chain(session: Session, claim: Claim, outcome: Outcome, now: datetime) -> Next | None:

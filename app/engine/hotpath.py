@@ -15,6 +15,7 @@ and published or counted only after the commit, as the session's hooks do.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from enum import Enum
@@ -34,6 +35,9 @@ from models.states import RunStatus, StepStatus
 
 R, S = RunStatus, StepStatus
 _DIALECT = pg_dialect.dialect()
+# A chain of pure steps stays in one transaction (one commit) while it is younger than this: its
+# locks and its steps' progress are held back from others for no longer.
+OPEN_CHAIN_S = 0.05
 
 
 class Statement:
@@ -87,6 +91,11 @@ class Tx:
         self.conn: psycopg.Connection[Any] = self.raw.driver_connection  # type: ignore[assignment]
         self.events: list[events.Event] = []
         self.counts: list[Callable[[], None]] = []
+        self.opened = time.monotonic()
+
+    def young(self) -> bool:
+        """Still short enough to carry on with another pure step (``OPEN_CHAIN_S``)."""
+        return time.monotonic() - self.opened < OPEN_CHAIN_S
 
     def __enter__(self) -> Tx:
         return self
@@ -318,22 +327,48 @@ def _tx_of(db: Database, claim: Claim) -> Tx:
 
 
 def chain(
-    db: Database, claim: Claim, outcome: Outcome, values: dict[str, Any], lease: datetime
-) -> tuple[bool, bool]:
+    db: Database,
+    claim: Claim,
+    outcome: Outcome,
+    values: dict[str, Any],
+    lease: datetime,
+    keep_open: bool = False,
+) -> tuple[bool, bool, Tx | None]:
     """``statements.CHAIN``: the attempt recorded and logged, the next step claimed while the run
-    is running; whether each applied."""
+    is running; whether each applied. With ``keep_open`` (the claim's transaction is still open and
+    the next step is pure too) nothing is committed and the open transaction is returned, for the
+    next step's claim: it commits with that step's result."""
     following = claim.definition["steps"][claim.position + 1]["id"]
     now = values["completed_at"]
     params = record_params(claim, outcome.status, values) | {"b_next": following, "now": now, "lease": lease}
-    with _tx_of(db, claim) as tx:
-        _held, recorded, _logged, claimed = tx.one_and_commit(CHAIN, params)
+    tx: Tx | None = _tx_of(db, claim)
+    assert tx is not None
+    try:
+        if keep_open:
+            _held, recorded, _logged, claimed = tx.one(CHAIN, params)
+        else:
+            _held, recorded, _logged, claimed = tx.one_and_commit(CHAIN, params)
         if recorded == 1:
             note_recorded(tx, claim, outcome.status, values)
             count_attempt(tx, claim, outcome, outcome.status, values["duration_ms"])
             if claimed == 1:
                 tx.note_step(claim, events.step_data(claim.run_id, following, S.RUNNING, 1, now))
-        tx.after_commit()
-    return recorded == 1, claimed == 1
+        if keep_open and recorded == 1 and claimed == 1:
+            kept, tx = tx, None
+            return True, True, kept
+        if keep_open:
+            tx.commit()
+        else:
+            tx.after_commit()
+        return recorded == 1, claimed == 1, None
+    except BaseException as exc:
+        if tx is not None:
+            failed, tx = tx, None
+            failed.close(exc)
+        raise
+    finally:
+        if tx is not None:
+            tx.close()
 
 
 def finish(

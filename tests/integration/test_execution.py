@@ -626,7 +626,7 @@ def test_a_retry_whose_message_cannot_be_sent_is_still_recorded(e: Engine, broke
 
 
 def test_a_pure_steps_claim_commits_with_its_result_in_one_commit(e: Engine) -> None:
-    run_id = e.trigger(e.workflow(step("a"), step("b")))
+    run_id = e.trigger(e.workflow(step("a"), step("b", "http.request", input={"url": "http://127.0.0.1:1/"})))
     with statements_of_this_thread(e) as claiming:
         claim = engine.claim_step(e.services, run_id, "a", 1, defer_pure=True)
     assert claim is not None and claim.tx is not None
@@ -699,3 +699,62 @@ def test_hot_path_statements_count_in_the_process_statement_counter(e: Engine) -
         e.record(claim, success())
     assert counts["statements"] == 1
     assert db.statements_executed() - before >= 1, "the driver-connection statement is counted too"
+
+
+def test_a_chain_of_pure_steps_commits_once_and_shows_nothing_before(e: Engine) -> None:
+    run_id = e.trigger(e.workflow(step("a"), step("b"), step("c")))
+    with statements_of_this_thread(e) as counts:
+        a = engine.claim_step(e.services, run_id, "a", 1, defer_pure=True)
+        assert a is not None
+        b = e.record(a, success({"v": 1})).claim
+        assert b is not None and b.tx is not None, "the open transaction goes on with b"
+        c = e.record(b, success({"v": 2})).claim
+        assert c is not None and c.tx is not None
+    assert counts == {"statements": 3, "commits": 0}
+    assert e.statuses(run_id) == [S.QUEUED, S.PENDING, S.PENDING] and e.run(run_id).status == R.PENDING
+    assert [ev["status"] for ev in e.events(run_id)] == ["pending", "queued"], "nothing published yet"
+    with statements_of_this_thread(e) as counts:
+        e.record(c, success({"v": 3}))
+    assert counts == {"statements": 1, "commits": 1}
+    run = e.run(run_id)
+    assert run.status == R.COMPLETED and run.output == {"v": 3}
+    assert [(x.step_id, x.output) for x in e.attempts(run_id)] == [
+        ("a", {"v": 1}),
+        ("b", {"v": 2}),
+        ("c", {"v": 3}),
+    ]
+    kinds = [(ev["kind"], ev.get("stepId"), ev["status"]) for ev in e.events(run_id)][2:]
+    assert kinds == [
+        ("step", "a", "running"),
+        ("run", None, "running"),
+        ("step", "a", "success"),
+        ("step", "b", "running"),
+        ("step", "b", "success"),
+        ("step", "c", "running"),
+        ("step", "c", "success"),
+        ("run", None, "completed"),
+    ]
+
+
+def test_an_open_chain_commits_once_it_is_older_than_its_budget(
+    e: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hotpath, "OPEN_CHAIN_S", 0.0)
+    run_id = e.trigger(e.workflow(step("a"), step("b")))
+    a = engine.claim_step(e.services, run_id, "a", 1, defer_pure=True)
+    assert a is not None and a.tx is not None, "the claim itself still waits for its result"
+    b = e.record(a, success()).claim
+    assert b is not None and b.tx is None, "committed: the next step is claimed in the open"
+    assert e.statuses(run_id) == [S.SUCCESS, S.RUNNING]
+    e.record(b, success())
+    assert e.run(run_id).status == R.COMPLETED
+
+
+def test_an_open_chain_stops_before_a_step_with_effects(e: Engine) -> None:
+    run_id = e.trigger(e.workflow(step("a"), step("b", "http.request", input={"url": "http://127.0.0.1:1/"})))
+    a = engine.claim_step(e.services, run_id, "a", 1, defer_pure=True)
+    assert a is not None and a.tx is not None
+    b = e.record(a, success()).claim
+    assert b is not None and b.tx is None
+    assert e.statuses(run_id) == [S.SUCCESS, S.RUNNING], "b's claim is committed before it calls out"
+    e.record(b, success())
