@@ -15,8 +15,10 @@ found already cancelled counts as cancelled.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -46,6 +48,7 @@ MAX_RUNS = 100_000  # runs one action may select (a wider filter is a 400: narro
 MAX_RUN_IDS = 1_000  # ids one request may name
 SAMPLE = 10  # ids a dry run shows
 CHUNK = 50  # runs whose outcomes are committed together
+LANES = 4  # runs of a chunk acted on at once
 BUDGET_S = 5.0  # then the message hands over to a new one, so no worker thread is held for long
 LEASE = timedelta(seconds=60)  # renewed at every chunk
 STALLED_AFTER = STUCK_AFTER  # an action that has not moved for this long is sent again
@@ -301,13 +304,7 @@ def process(services: Services, bulk_id: str, *, budget_s: float = BUDGET_S, chu
             if not batch:
                 progress.finished = _finish(services, held)
                 return progress
-            outcomes: list[_Outcome] = []
-            trouble: Exception | None = None
-            try:
-                for item in batch:
-                    outcomes.append(_act(services, held, item))
-            except Exception as exc:  # transient (``_act`` keeps the rest): what was done is kept first
-                trouble = exc
+            outcomes, trouble = _act_all(services, held, batch)
             if outcomes and not _record(services, held, outcomes):
                 return progress  # the lease was lost to another message, which carries on
             if trouble is not None:
@@ -373,6 +370,47 @@ def _next_items(services: Services, held: _Held, chunk: int) -> list[BulkActionR
                 .limit(chunk)
             ).scalars()
         )
+
+
+_lanes: ThreadPoolExecutor | None = None
+_lanes_lock = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The process's bulk lanes: long-lived threads, so each keeps its broker connection."""
+    global _lanes
+    with _lanes_lock:
+        if _lanes is None:
+            _lanes = ThreadPoolExecutor(LANES, thread_name_prefix="baton-bulk")
+        return _lanes
+
+
+def _act_all(
+    services: Services, held: _Held, batch: list[BulkActionRun]
+) -> tuple[list[_Outcome], Exception | None]:
+    """The chunk's runs, ``LANES`` at a time (a retry mostly waits on the database). Returns the
+    outcomes of the runs before the first that met an outage, and that outage: the runs after it
+    are gone through again by the next message (acting once, as any repeat)."""
+    if LANES <= 1 or len(batch) == 1:
+        results: list[_Outcome] = []
+        for item in batch:
+            try:
+                results.append(_act(services, held, item))
+            except Exception as exc:  # transient: ``_act`` turns every other failure into an outcome
+                return results, exc
+        return results, None
+    futures = [_pool().submit(_act, services, held, item) for item in batch]
+    outcomes: list[_Outcome] = []
+    trouble: Exception | None = None
+    for future in futures:  # every one awaited: none may still be acting when the chunk is recorded
+        try:
+            outcome = future.result()
+        except Exception as exc:
+            trouble = trouble or exc
+            continue
+        if trouble is None:
+            outcomes.append(outcome)
+    return outcomes, trouble
 
 
 def _act(services: Services, held: _Held, item: BulkActionRun) -> _Outcome:

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 from dramatiq import Message
 from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
 
-from app import bulk
+from app import bulk, engine
 from app.queue import STEPS_QUEUE, StepQueue
 from app.services import Services
 from app.timeutil import utcnow
@@ -277,3 +278,67 @@ def test_the_same_key_returns_the_same_action(b: Engine) -> None:
     with b.services.db.session() as session:
         count = session.execute(select(BulkAction.id).where(BulkAction.company_id == b.company_id)).all()
     assert len(count) == 1
+
+
+def test_an_outage_midway_keeps_the_runs_before_it_and_the_redelivery_acts_once(
+    b: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wid = b.workflow(step("a"), step("b"))
+    runs = _failed_runs(b, wid, 6)
+    action = _retry(b, wid)
+    real = engine.start_restart
+    broken = {runs[2]}
+
+    def flaky(services: Services, plan: Any, key: str | None = None) -> Any:
+        if plan.original.id in broken:
+            broken.clear()
+            raise OperationalError("INSERT", {}, Exception("connection lost"))
+        return real(services, plan, key)
+
+    monkeypatch.setattr(engine, "start_restart", flaky)
+    with pytest.raises(OperationalError):  # the message is redelivered by the broker's Retries
+        bulk.process(b.services, action.id)
+    row = _row(b, action.id)
+    assert (row.done, row.next_position, row.lease_token) == (2, 2, None)  # the runs before it
+    bulk.process(b.services, action.id)
+    row = _row(b, action.id)
+    assert (row.status, row.done, row.failed) == (BulkStatus.COMPLETED, 6, 0)
+    assert all(len(kids) == 1 for kids in _children(b, runs).values())
+
+
+def test_a_bulk_retry_on_the_embedded_sqlite_database(
+    engine_services: Services, queue: Any, tmp_path: Any
+) -> None:
+    from app.db import Database
+    from app.migrate import upgrade
+
+    db = Database(engine_services.config.with_overrides(database_url=None, var_dir=tmp_path))
+    try:
+        upgrade(db)
+        services = dataclasses.replace(engine_services, db=db)
+        with db.session() as session:
+            company_id = factories.company(session).id
+            workflow = factories.workflow(session, company_id, [step("a"), step("b")])
+            start = utcnow() - timedelta(minutes=5)
+            runs = [
+                factories.run(
+                    session, workflow, "failed", FAILED_SECOND, created_at=start + timedelta(seconds=i)
+                ).id
+                for i in range(3)
+            ]
+            session.commit()
+        selection = bulk.Selection(BulkKind.RETRY, workflow_id=workflow.id, status="failed")
+        assert bulk.preview(services, company_id, selection) == (3, runs)
+        action, _ = bulk.create(services, company_id, selection, {})
+        assert action.total == 3
+        assert bulk.process(services, action.id).finished
+        with db.session() as session:
+            row = session.get(BulkAction, action.id)
+            assert (row.status, row.done, row.failed) == (BulkStatus.COMPLETED, 3, 0)
+            children = session.execute(
+                select(Run.restarted_from_run_id).where(Run.restarted_from_run_id.is_not(None))
+            )
+            assert sorted(children.scalars()) == sorted(runs)
+    finally:
+        queue.clear()
+        db.dispose()
