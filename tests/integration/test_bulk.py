@@ -342,3 +342,25 @@ def test_a_bulk_retry_on_the_embedded_sqlite_database(
     finally:
         queue.clear()
         db.dispose()
+
+
+def test_the_scheduler_leader_sweeps_stalled_bulk_actions(b: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers import scheduler
+
+    monkeypatch.setattr(scheduler, "sweep", lambda services: {})  # the run sweeps have tests of their own
+    monkeypatch.setattr(scheduler.schedules, "fire_due", lambda services: 0)
+    wid = b.workflow(step("a"), step("b"))
+    _failed_runs(b, wid, 1)
+    action = _retry(b, wid)
+    b.queue.clear()  # its message lost
+    with b.services.db.session() as session:
+        stalled_at = utcnow() - bulk.STALLED_AFTER - timedelta(seconds=1)
+        session.execute(update(BulkAction).where(BulkAction.id == action.id).values(updated_at=stalled_at))
+        session.commit()
+    leader = scheduler.Scheduler(b.services)
+    counts = leader.run_once()
+    leader._release()
+    assert counts is not None and counts["bulkResent"] >= 1
+    assert action.id in _bulk_messages(b.services)
+    bulk.process(b.services, action.id)
+    assert _row(b, action.id).status == BulkStatus.COMPLETED
