@@ -80,7 +80,6 @@ def _request(kind: BulkKind, args: dict[str, Any]) -> tuple[bulk.Selection, dict
 
 
 def _post(kind: BulkKind, args: dict[str, Any]) -> Any:
-    context.require(RUNS_WRITE)
     services, company_id = context.services(), context.company_id()
     selection, request = _request(kind, args)
     if args["dryRun"]:
@@ -115,6 +114,7 @@ class BulkCancel(MethodView):
     @errors(blp, 403, 409, 413)
     def post(self) -> Any:
         """Cancel every pending, running or suspended run the filter (or the id list) selects."""
+        context.require(RUNS_WRITE)
         return _post(BulkKind.CANCEL, context.load_body(BulkBodySchema()))
 
 
@@ -129,6 +129,7 @@ class BulkRetry(MethodView):
     def post(self) -> Any:
         """Retry every failed or timed-out run the filter (or the id list) selects, each in a new run
         linked to it (as ``POST /runs/:id/retry``)."""
+        context.require(RUNS_WRITE)
         return _post(BulkKind.RETRY, context.load_body(BulkRetryBodySchema()))
 
 

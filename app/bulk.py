@@ -320,11 +320,7 @@ def process(services: Services, bulk_id: str, *, budget_s: float = BUDGET_S, chu
             _release(services, held)  # best effort; the lease expires anyway
             raise  # redelivered with a back-off (the broker's Retries middleware)
         logger.exception("bulk action %s stopped", bulk_id)
-        _fail(
-            services,
-            held,
-            {"code": "INTERNAL_ERROR", "message": "The bulk action stopped on an internal error"},
-        )
+        _fail(services, held, STOPPED)
         return progress
     _release(services, held)
     send_or_leave_to_sweep(services, held.id)
