@@ -99,7 +99,7 @@ def http_request(ctx: ActionContext, params: Any) -> dict[str, Any]:
     return output
 
 
-@action("transform")
+@action("transform", pure=True)
 def transform(ctx: ActionContext, params: Any) -> Any:
     return params
 
