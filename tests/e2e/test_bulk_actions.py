@@ -264,6 +264,7 @@ def test_scopes_and_unknown_actions(client, services):
         session.commit()
     body = {"filter": {"status": "failed"}}
     assert_error(_post(client, {"x-api-key": reader_key}, "retry", body), 403, "FORBIDDEN")
+    assert_error(_post(client, {"x-api-key": reader_key}, "cancel", {"bad": 1}), 403, "FORBIDDEN")
     accepted = _post(client, {"x-api-key": writer_key}, "retry", body)
     assert accepted.status_code == 202
     bulk_id = accepted.get_json()["data"]["id"]
