@@ -127,6 +127,22 @@ def hop(chain, index, length, key):
         marks.rpush(key + ":done", repr(time.time()))
 '''
 
+# A no-op action registered as having effects (not ``pure``): each of its steps is claimed in a
+# committed transaction before it runs, and its result is committed on its own, as an
+# ``http.request`` step's would be. Workload A's ``transform`` steps are pure (a chain of them
+# commits once); this variant shows what a step with effects costs.
+EFFECT_MODULE = "bench_effect_actions"
+EFFECT_ACTION = "bench.effect"
+EFFECT_ACTIONS = f'''"""A no-op action with (declared) effects, for Baton's bench."""
+
+from app.actions import action
+
+
+@action("{EFFECT_ACTION}")
+def effect(ctx, params):
+    return params
+'''
+
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 T0 = time.monotonic()
 
@@ -578,6 +594,7 @@ class Bench:
         self.api.key = key
         self.tmpdir = tempfile.TemporaryDirectory(prefix="baton-bench-")
         Path(self.tmpdir.name, "bench_bare_actors.py").write_text(BARE_ACTORS)
+        Path(self.tmpdir.name, f"{EFFECT_MODULE}.py").write_text(EFFECT_ACTIONS)
         self.start_api()
 
     def drop_baton_messages(self) -> None:
@@ -671,14 +688,16 @@ class Bench:
             self.tap = TriggerTap(self.services.db.engine)
         return self.services
 
-    def create_workflow_inproc(self, name: str, steps: int) -> str:
+    def create_workflow_inproc(self, name: str, steps: int, action: str = "transform") -> str:
         """A workflow of ``steps`` no-op steps, made in this process (the accounting windows stop
         the API: this spares a restart)."""
         from app import workflows
 
+        if action == EFFECT_ACTION:
+            self.load_effect_action()
         definition = {
             "name": name,
-            "steps": [{"id": f"s{i + 1}", "action": "transform", "input": {}} for i in range(steps)],
+            "steps": [{"id": f"s{i + 1}", "action": action, "input": {}} for i in range(steps)],
         }
         with self.inproc_services().db.session() as session:
             workflow, _ = workflows.create(session, self.company_id, definition)
@@ -772,7 +791,17 @@ class Bench:
                 )
             time.sleep(0.1)
 
-    def start_baton_workers(self) -> None:
+    def load_effect_action(self) -> None:
+        assert self.tmpdir is not None
+        if self.tmpdir.name not in sys.path:
+            sys.path.insert(0, self.tmpdir.name)
+        __import__(EFFECT_MODULE)
+
+    def start_baton_workers(self, effects: bool = False) -> None:
+        env = self.env
+        if effects:
+            assert self.tmpdir is not None
+            env = dict(env, PYTHONPATH=self.tmpdir.name, BATON_ACTION_MODULES=EFFECT_MODULE)
         self.children.start(
             "baton-worker",
             [
@@ -783,7 +812,7 @@ class Bench:
                 "--threads",
                 str(self.args.threads),
             ],
-            self.env,
+            env,
             VAR / "bench-worker.log",
         )
 
@@ -1051,30 +1080,32 @@ class Bench:
         )
         return result
 
-    def inproc_round(self, index: int) -> dict[str, Any]:
+    def inproc_round(self, index: int, action: str = "transform") -> dict[str, Any]:
         """Workload A triggered in-process: the workers start and register, their CPU and counters
         are sampled, then this process triggers the runs through the engine's batch trigger while
         the workers run. Start-up is outside the window; the triggers' own commits, rows and
         statements are counted apart (``TriggerTap``, this process's statement counter)."""
         a = self.args
         assert self.probe is not None
-        workflow_id = self.create_workflow_inproc(f"bench-inproc-{index}", a.steps)
+        effects = action == EFFECT_ACTION
+        label = "in-process, steps with effects" if effects else "in-process"
+        workflow_id = self.create_workflow_inproc(f"bench-inproc-{index}-{action}", a.steps, action)
         assert self.tap is not None
-        log(f"baton round {index} (in-process): starting baton worker, waiting until it registers")
+        log(f"baton round {index} ({label}): starting baton worker, waiting until it registers")
         polls_before = self.probe.statements
         c0 = self.flushed()
         statements_before = self.retired_statements()
-        self.start_baton_workers()
+        self.start_baton_workers(effects=effects)
         startup_statements = self.wait_workers_ready()
         pid = self.children.procs["baton-worker"].pid
         cpu0 = tree_cpu_seconds(pid)
         tap0 = self.tap.snapshot()
-        log(f"baton round {index} (in-process): triggering {a.runs} runs x {a.steps} steps in-process")
+        log(f"baton round {index} ({label}): triggering {a.runs} runs x {a.steps} steps in-process")
         started = time.monotonic()
         trigger_s, trigger_statements = self.trigger_inproc(workflow_id, a.runs)
         tap1 = self.tap.snapshot()
         done = self.wait_for(
-            f"baton round {index} (in-process) runs completed",
+            f"baton round {index} ({label}) runs completed",
             a.runs,
             lambda: self.completed_runs(workflow_id),
             "baton-worker",
@@ -1084,7 +1115,7 @@ class Bench:
         statements = self.retired_statements() - statements_before - startup_statements
         polls = self.probe.statements - polls_before
         c1 = self.flushed()
-        steps, busy_s = self.check_round(f"baton round {index} (in-process)", workflow_id)
+        steps, busy_s = self.check_round(f"baton round {index} ({label})", workflow_id)
         trigger_commits, trigger_rows = tap1[0] - tap0[0], tap1[1] - tap0[1]
         worker_commits = c1.commits - c0.commits - polls - trigger_commits
         worker_rows = c1.rows - c0.rows - trigger_rows
@@ -1106,7 +1137,7 @@ class Bench:
             "probe_statements_subtracted": polls,
         }
         log(
-            f"baton round {index} (in-process): {result['steps_per_s']:.0f} steps/s (first step to "
+            f"baton round {index} ({label}): {result['steps_per_s']:.0f} steps/s (first step to "
             f"last); per step: {worker_commits / steps:.2f} commits, {statements / steps:.2f} statements, "
             f"{worker_rows / steps:.2f} rows, {cpu_s * 1000 / steps:.2f} ms worker CPU"
         )
@@ -1165,6 +1196,10 @@ class Bench:
                 bare.append(self.bare_round(index))
                 http.append(self.baton_round(index))
 
+        # Steps with effects: claimed and recorded in a commit each (info; one round, with the
+        # same rounds' baseline).
+        effects = self.inproc_round(self.args.rounds + 1, action=EFFECT_ACTION)
+
         def median(rounds: list[dict[str, Any]], key: str) -> float:
             return statistics.median(r[key] for r in rounds)
 
@@ -1181,6 +1216,9 @@ class Bench:
             "bare_steps_per_s": bare_rate,
             "ratio_http": median(http, "steps_per_s") / bare_rate,
             "ratio_inproc": median(inproc, "steps_per_s") / bare_rate,
+            "effects_round": effects,
+            "effects_steps_per_s": effects["steps_per_s"],
+            "ratio_effects": effects["steps_per_s"] / bare_rate,
             "baton_steps_per_s_wall": median(http, "steps_per_s_wall"),
             "bare_steps_per_s_wall": median(bare, "steps_per_s_wall"),
         }
@@ -1214,6 +1252,13 @@ class Bench:
                 "rows": total(inproc, "worker_rows") / in_steps,
                 "cpu_ms": total(inproc, "worker_cpu_s") * 1000 / in_steps,
                 "startup_statements_per_round": median(inproc, "worker_startup_statements"),
+            },
+            "effects": {
+                "note": "in-process, steps of an action with effects (one round)",
+                "commits": effects["worker_commits"] / effects["steps"],
+                "statements": effects["worker_statements"] / effects["steps"],
+                "rows": effects["worker_rows"] / effects["steps"],
+                "cpu_ms": effects["worker_cpu_s"] * 1000 / effects["steps"],
             },
             "triggers": {
                 "http_commits_per_run": trigger_commits / runs,
@@ -1621,6 +1666,13 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         )
         if t.get("inproc_steps_per_s"):
             info("A triggered in-process, steps/s", t["inproc_steps_per_s"], "{:.0f}", t["bare_steps_per_s"])
+        if t.get("effects_steps_per_s"):
+            info(
+                "  A in-process, steps with effects (1 round)",
+                t["effects_steps_per_s"],
+                "{:.0f}",
+                t["bare_steps_per_s"],
+            )
         info(
             "  A over HTTP, timed from worker spawn",
             t["baton_steps_per_s_wall"],
@@ -1642,6 +1694,11 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         info("rows written / step, workers (A in-process)", inproc["rows"], "{:.3f}")
         at_most("worker CPU ms / step (A in-process)", inproc["cpu_ms"], TARGET_CPU_MS)
         info("  worker CPU ms / step, A over HTTP incl. start-up", http["cpu_ms_with_startup"])
+        fx = per.get("effects")
+        if fx:
+            info("  PG commits / step, steps with effects", fx["commits"], "{:.3f}")
+            info("  SQL statements / step, steps with effects", fx["statements"], "{:.3f}")
+            info("  worker CPU ms / step, steps with effects", fx["cpu_ms"])
         tr = per["triggers"]
         info("PG commits / run, HTTP trigger", tr["http_commits_per_run"], "{:.3f}")
         info("rows written / run, HTTP trigger", tr["http_rows_per_run"], "{:.3f}")
