@@ -145,7 +145,14 @@ def note_step(session: Session, owner: Any, data: dict[str, Any]) -> None:
 
 def note_created(session: Session, run: Run, steps: Iterable[dict[str, Any]]) -> None:
     """A new run (pending) and its steps that are already decided (reused) or queued."""
-    note_run(session, run)
+    for event in created(run, steps):
+        _note(session, event)
+
+
+def created(run: Any, steps: Iterable[dict[str, Any]]) -> list[Event]:
+    """The events of a new run (pending) and of its steps already decided (reused) or queued: what
+    ``note_created`` notes, for a trigger that commits without an ORM session and publishes itself."""
+    found = [Event(RUN, run.id, run.company_id, run.workflow_id, run_data(run))]
     for row in steps:
         if row["status"] != StepStatus.PENDING:
             data = step_data(
@@ -158,7 +165,8 @@ def note_created(session: Session, run: Run, steps: Iterable[dict[str, Any]]) ->
                 row.get("duration_ms"),
                 row.get("error"),
             )
-            note_step(session, run, data)
+            found.append(Event(STEP, run.id, run.company_id, run.workflow_id, data))
+    return found
 
 
 def _pair(owner: Any) -> tuple[str, str]:
@@ -223,19 +231,38 @@ class Publisher:
         if transaction.parent is None:  # the outermost transaction ended without a commit
             session.info.pop(_NOTED, None)
 
-    def publish(self, events: list[Event]) -> None:
-        """Best effort: an error is logged, never raised (the commit stands either way). A run's
-        status change goes after its steps' (a cancel's skipped steps come before the run's final
-        event), its creation first."""
+    def _script_call(self, events: list[Event]) -> tuple[list[str], list[Any]]:
+        """The append script's keys and arguments. A run's status change goes after its steps' (a
+        cancel's skipped steps come before the run's final event), its creation first."""
         keys: list[str] = []
         args: list[Any] = [RUN_STREAM_MAXLEN, COMPANY_STREAM_MAXLEN, RUN_STREAM_TTL_S]
         for e in sorted(events, key=_run_moves_last):
             keys += (run_stream(self.namespace, e.run_id), company_stream(self.namespace, e.company_id))
             args += (e.kind, encode(e.data), e.workflow_id)
+        return keys, args
+
+    def publish(self, events: list[Event]) -> None:
+        """Best effort: an error is logged, never raised (the commit stands either way)."""
+        keys, args = self._script_call(events)
         try:
             self.append(keys, args)
         except Exception as exc:  # noqa: BLE001 (any failure: the transition already committed)
             logger.warning("could not publish %d run event(s): %s", len(events), exc)
+
+    def stage(self, pipe: Any, events: list[Event]) -> None:
+        """Add the append to ``pipe`` (a pipeline on this publisher's Redis), to go in the same round
+        trip as other commands; pass its result to ``staged_result``. By hash only: a pipeline that
+        holds a script object asks Redis whether the script exists on every execute."""
+        keys, args = self._script_call(events)
+        pipe.evalsha(self.append.sha, len(keys), *keys, *args)
+
+    def staged_result(self, events: list[Event], result: Any) -> None:
+        """Finish a staged append: Redis lost the script (a restart), so publish again, which loads
+        it; any other error is logged like ``publish``'s."""
+        if isinstance(result, redis.exceptions.NoScriptError):
+            self.publish(events)
+        elif isinstance(result, Exception):
+            logger.warning("could not publish %d run event(s): %s", len(events), result)
 
 
 def _run_moves_last(e: Event) -> bool:
