@@ -105,6 +105,15 @@ CACHE_TTL_S = 0.5
 _verified: dict[str, tuple[Principal, float]] = {}
 
 
+def verified(key: str) -> Principal | None:
+    """The principal of a key this process verified less than CACHE_TTL_S ago; None when it has to
+    be checked (``authenticate``)."""
+    cached = _verified.get(_digest(key))
+    if cached is not None and cached[1] > time.monotonic():
+        return cached[0]
+    return None
+
+
 def authenticate(session: Session, key: str | None) -> Principal | None:
     """The principal of a valid, unrevoked key; None otherwise (constant-time comparison)."""
     if not key or not key.startswith(KEY_PREFIX) or len(key) > 200 or not key.isprintable():

@@ -24,9 +24,12 @@ start) and a dedicated Redis database (db 2, flushed at the start), starts ``bat
    otherwise quiet server.
 3. sequential latency: a run of 40 steps, trigger to ``completed_at``; baseline: a 40-message
    chain, enqueue to last hop.
-4. API: triggers/s from 8 client threads (no workers running, median of batches), runs/s through
-   the batch trigger (batches of 1,000 from 2 threads), and trigger-to-completed of a 1-step run
-   at idle (p50, p99).
+4. API: triggers/s from 8 client threads, median of batches, with no workers running and again
+   while ``baton worker`` executes the runs (each client thread keeps one keep-alive connection
+   and sends real, separate trigger requests, each response read and checked: 202 and a run id;
+   a lean client, since ``requests`` costs as much CPU per call as the trigger itself), runs/s
+   through the batch trigger (batches of 1,000 from 2 threads), and trigger-to-completed of a
+   1-step run at idle (p50, p99).
 5. ``GET /api/v1/runs`` p50/p99 on ``--list-runs`` seeded runs for several filters and cursor
    depths (DESIGN's budget is for 1,000,000 runs; the default seeds 100,000 to stay short, and
    seeding 1,000,000 takes about 40 s more).
@@ -298,8 +301,104 @@ def connect_admin(server: str) -> psycopg.Connection[Any]:
 # --------------------------------------------------------------------------- HTTP
 
 
+class TriggerConnection:
+    """One keep-alive HTTP/1.1 connection for triggers: each call sends one real, separate request
+    (``POST /api/v1/workflows/:id/runs``) and reads and checks its whole response: the status line,
+    a ``Content-Length`` body, and the run id in the JSON envelope. None of an HTTP library's
+    per-call work (``requests`` costs about as much client CPU as the trigger costs the server),
+    so on a 2-core machine the client does not eat the CPU the API is measured on; the request
+    bytes are built once per workflow."""
+
+    IDLE_S = 1.0  # gunicorn closes a kept-alive connection after 2 s idle: reconnect before that
+
+    def __init__(self, base_url: str, key: str) -> None:
+        self.base_url = base_url
+        host, _, port = base_url.removeprefix("http://").partition(":")
+        self.address = (host, int(port or 80))
+        self.host = f"{host}:{port}" if port else host
+        self.key = key
+        self.requests: dict[str, bytes] = {}
+        self.sock: socket.socket | None = None
+        self.buffer = b""
+        self.used_at = 0.0
+
+    def connect(self) -> None:
+        self.close()
+        self.sock = socket.create_connection(self.address, timeout=30)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.used_at = time.monotonic()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        self.buffer = b""
+
+    def trigger(self, workflow_id: str) -> str:
+        """Trigger a run; its id (a BenchError unless the answer is 202 with a run id)."""
+        request = self.requests.get(workflow_id)
+        if request is None:
+            body = b'{"input":{}}'
+            request = self.requests[workflow_id] = (
+                f"POST /api/v1/workflows/{workflow_id}/runs HTTP/1.1\r\nHost: {self.host}\r\n"
+                f"x-api-key: {self.key}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            ).encode() + body
+        status, body = self.send(request)
+        run_id = None
+        if status == 202:
+            try:
+                run_id = json.loads(body)["data"]["id"]
+            except (ValueError, KeyError, TypeError):
+                pass
+        if not (isinstance(run_id, str) and run_id.startswith("run_")):
+            raise BenchError(f"POST /api/v1/workflows/{workflow_id}/runs: HTTP {status}: {body[:300]!r}")
+        return run_id
+
+    def send(self, request: bytes) -> tuple[int, bytes]:
+        """Send one request and read its response: (status, body)."""
+        if self.sock is None or time.monotonic() - self.used_at > self.IDLE_S:
+            self.connect()
+        assert self.sock is not None
+        self.sock.sendall(request)
+        while b"\r\n\r\n" not in self.buffer:
+            self._receive()
+        head, _, rest = self.buffer.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split(b" ", 2)[1])
+        length, close = None, False
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"connection":
+                close = value.strip().lower() == b"close"
+            elif name == b"transfer-encoding":
+                raise BenchError("the API answered a trigger with a chunked body")
+        if length is None:
+            raise BenchError("the API answered a trigger without Content-Length")
+        self.buffer = rest
+        while len(self.buffer) < length:
+            self._receive()
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        self.used_at = time.monotonic()
+        if close:
+            self.close()
+        return status, body
+
+    def _receive(self) -> None:
+        assert self.sock is not None
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            self.close()
+            raise BenchError("the API closed a connection before answering a trigger")
+        self.buffer += chunk
+
+
 class Api:
-    """The Baton HTTP API, one ``requests.Session`` per thread."""
+    """The Baton HTTP API: one ``requests.Session`` per thread for setup and reads, and one lean
+    keep-alive connection per thread for single triggers (``TriggerConnection``)."""
 
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url
@@ -315,6 +414,12 @@ class Api:
             self._local.session = session
         return session
 
+    def trigger_connection(self) -> TriggerConnection:
+        """A new connection for triggers, opened now."""
+        conn = TriggerConnection(self.base_url, self.key)
+        conn.connect()
+        return conn
+
     def post(self, path: str, body: Any, expect: int) -> dict[str, Any]:
         response = self.session.post(self.base_url + path, json=body, timeout=30)
         if response.status_code != expect:
@@ -329,7 +434,13 @@ class Api:
         return self.post("/api/v1/workflows", definition, 201)["id"]
 
     def trigger(self, workflow_id: str) -> str:
-        return self.post(f"/api/v1/workflows/{workflow_id}/runs", {"input": {}}, 202)["id"]
+        """One trigger from this thread's connection (a new one when the API or the key changed)."""
+        conn = getattr(self._local, "trigger_conn", None)
+        if conn is None or conn.base_url != self.base_url or conn.key != self.key:
+            if conn is not None:
+                conn.close()
+            conn = self._local.trigger_conn = TriggerConnection(self.base_url, self.key)
+        return conn.trigger(workflow_id)
 
     def trigger_batch(self, workflow_id: str, size: int) -> None:
         items = [{"input": {"i": i}} for i in range(size)]
@@ -340,37 +451,37 @@ class Api:
 
 
 def trigger_many(api: Api, workflow_id: str, count: int, threads: int) -> float:
-    """Trigger ``count`` runs from ``threads`` client threads; returns the elapsed seconds."""
-    lock = threading.Lock()
-    remaining = [count]
-    stop = threading.Event()
+    """Trigger ``count`` runs from ``threads`` client threads; returns the elapsed seconds.
 
-    def work() -> None:
-        while not stop.is_set():
-            with lock:
-                if remaining[0] == 0:
-                    return
-                remaining[0] -= 1
-            try:
-                api.trigger(workflow_id)
-            except BaseException:
-                stop.set()
-                raise
+    Each thread has one keep-alive connection, opened before the clock starts, and sends its
+    triggers one after another: each a real, separate HTTP request whose response is read and
+    checked (202 and a run id) before the next is sent.
+    """
+    conns = [api.trigger_connection() for _ in range(threads)]
+    tickets = iter(range(count))  # next() on it is atomic under the GIL
+    errors: list[BaseException] = []
 
-    with ThreadPoolExecutor(threads) as pool:
-        # Open the connections first so the timing holds only triggers.
-        for future in [
-            pool.submit(lambda: api.session.get(api.base_url + "/healthz")) for _ in range(threads)
-        ]:
-            future.result()
-        started = time.perf_counter()
-        futures = [pool.submit(work) for _ in range(threads)]
+    def work(conn: TriggerConnection) -> None:
         try:
-            for future in futures:
-                future.result()
-        finally:
-            stop.set()
-    return time.perf_counter() - started
+            while not errors and next(tickets, None) is not None:
+                conn.trigger(workflow_id)
+        except BaseException as exc:
+            errors.append(exc)
+
+    workers = [threading.Thread(target=work, args=(conn,), daemon=True) for conn in conns]
+    try:
+        started = time.perf_counter()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        elapsed = time.perf_counter() - started
+    finally:
+        for conn in conns:
+            conn.close()
+    if errors:
+        raise errors[0]
+    return elapsed
 
 
 # --------------------------------------------------------------------------- the bench
@@ -599,30 +710,73 @@ class Bench:
     # ----------------------------------------------------------------- 4a. triggers/s
 
     def triggers_per_second(self) -> None:
+        """Single triggers/s (``trigger_many``): batches of a 1-step run, median over the batches;
+        first with no worker running (the API alone), then again while ``baton worker`` executes
+        the runs as they arrive. Each of the two uses a new key of the bench company: the per-key
+        rate limit is still checked on every request, but neither spends the budget of the other
+        or of the later phases."""
         a = self.args
+        assert self.probe is not None
         workflow_id = self.api.create_workflow("bench-triggers", 1)
         batches = max(1, a.trigger_batches)
         size = max(1, a.triggers // batches)
-        log(
-            f"triggers/s: {batches} x {size} triggers of a 1-step run from {a.trigger_threads} threads "
-            "(no workers)"
-        )
+        main_key = self.api.key
+        try:
+            self.api.key = self._baton("keys", "create", "--company", "bench").strip()
+            log(
+                f"triggers/s: {batches} x {size} triggers of a 1-step run from {a.trigger_threads} "
+                "threads (no workers)"
+            )
+            self.results["triggers"] = self._trigger_batches(workflow_id, batches, size, "")
+            if a.batch_triggers:
+                self.results["batch_triggers"] = self.batch_trigger_rate(workflow_id)
+            self._close_trigger_runs(workflow_id)
+            self.api.key = self._baton("keys", "create", "--company", "bench").strip()
+            log(f"triggers/s while baton worker runs ({a.processes} processes x {a.threads} threads)")
+            self.start_baton_workers()
+            try:
+                first = self.api.trigger(workflow_id)  # the workers are up once it completed
+                self.wait_for(
+                    "triggers/s: the workers' first run",
+                    1,
+                    lambda: self.probe.one(
+                        "SELECT count(*) FROM runs WHERE id = %s AND status = 'completed'", (first,)
+                    )[0],
+                    "baton-worker",
+                )
+                self.results["triggers_with_workers"] = self._trigger_batches(
+                    workflow_id, batches, size, " with workers"
+                )
+                executed = self.probe.one(
+                    "SELECT count(*) FROM runs WHERE workflow_id = %s AND status = 'completed'",
+                    (workflow_id,),
+                )[0]
+                self.results["triggers_with_workers"]["runs_completed_meanwhile"] = executed
+            finally:
+                self.children.stop("baton-worker")
+        finally:
+            self.api.key = main_key
+        self._close_trigger_runs(workflow_id)
+
+    def _trigger_batches(self, workflow_id: str, batches: int, size: int, label: str) -> dict[str, Any]:
+        a = self.args
         trigger_many(self.api, workflow_id, min(50, size), a.trigger_threads)  # warm-up
         rates = []
         for i in range(batches):
             elapsed = trigger_many(self.api, workflow_id, size, a.trigger_threads)
             rates.append(size / elapsed)
-            log(f"triggers/s batch {i + 1}/{batches}: {rates[-1]:.0f}/s")
-        self.results["triggers"] = {
+            log(f"triggers/s{label} batch {i + 1}/{batches}: {rates[-1]:.0f}/s")
+        log(f"triggers/s{label}: median {statistics.median(rates):.0f}/s")
+        return {
             "batches": batches,
             "batch_size": size,
             "threads": a.trigger_threads,
             "rates_per_s": rates,
             "median_per_s": statistics.median(rates),
         }
-        if a.batch_triggers:
-            self.results["batch_triggers"] = self.batch_trigger_rate(workflow_id)
-        # Nothing may execute these later: drop Baton's queued messages and close the runs.
+
+    def _close_trigger_runs(self, workflow_id: str) -> None:
+        """Nothing may execute these later: drop Baton's queued messages and close the runs."""
         self.drop_baton_messages()
         assert self.probe is not None
         self.probe.one(
