@@ -16,17 +16,19 @@ from api.pagination import meta, page
 from api.schemas.common import ok
 from api.schemas.runs import (
     CancelEnvelope,
+    DiffQuerySchema,
     ListRunsQuerySchema,
     RestartBodySchema,
     RestartEnvelope,
     ResumeBodySchema,
     RetryBodySchema,
+    RunDiffEnvelope,
     RunEnvelope,
     RunListEnvelope,
     RunLogsEnvelope,
     step_view,
 )
-from app import engine
+from app import engine, rundiff
 from app.errors import NotFound
 from app.ids import RUN_ID
 from app.keys import RUNS_READ, RUNS_WRITE
@@ -146,6 +148,20 @@ class RunLogs(MethodView):
                 "error": run.error,
             }
         )
+
+
+@blp.route("/<string:run_id>/diff")
+class RunDiff(MethodView):
+    @blp.arguments(DiffQuerySchema, location="query", error_status_code=400)
+    @blp.response(200, RunDiffEnvelope)
+    @errors(blp, 403, 404)
+    def get(self, args: dict[str, Any], run_id: str) -> dict[str, Any]:
+        """Compare this run with another run of its workflow, step by step: status and duration as
+        ``[this, against]``, and each changed JSON path of input, output and error (``before`` is the
+        against run's value, ``after`` this run's)."""
+        context.require(RUNS_READ)
+        with context.services().db.session() as session:
+            return ok(rundiff.diff_runs(session, context.company_id(), _run_id(run_id), args["against"]))
 
 
 _IDEMPOTENCY_DOC = {

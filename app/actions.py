@@ -15,6 +15,7 @@ from typing import Any
 from app.config import Config
 
 ActionFunc = Callable[["ActionContext", Any], Any]
+_PURE: set[str] = set()
 _REGISTRY: dict[str, ActionFunc] = {}
 
 
@@ -63,11 +64,21 @@ class ActionContext:
     config: Config | None = None  # the process's settings (outbound policy, limits)
 
 
-def action(name: str) -> Callable[[ActionFunc], ActionFunc]:
-    """Register ``func(ctx, input) -> JSON | Park`` as the action ``name``."""
+def action(name: str, *, pure: bool = False) -> Callable[[ActionFunc], ActionFunc]:
+    """Register ``func(ctx, input) -> JSON | Park`` as the action ``name``.
+
+    ``pure``: the action has no effect outside Baton (it computes its output from its input, like
+    ``transform``). A worker may then run it inside the transaction that claims its step and commit
+    the claim together with the result: one commit fewer per message, and a crash in between leaves
+    the step queued, as if it never ran (there is nothing to undo).
+    """
 
     def register(func: ActionFunc) -> ActionFunc:
         _REGISTRY[name] = func
+        if pure:
+            _PURE.add(name)
+        else:
+            _PURE.discard(name)
         return func
 
     return register
@@ -75,6 +86,10 @@ def action(name: str) -> Callable[[ActionFunc], ActionFunc]:
 
 def get(name: str) -> ActionFunc | None:
     return _REGISTRY.get(name)
+
+
+def is_pure(name: str) -> bool:
+    return name in _PURE
 
 
 def names() -> list[str]:

@@ -435,6 +435,138 @@ def _watch(run_id: str, timeout_s: float | None, interval_s: float, as_json: boo
     sys.exit(EXIT_CODES.get(envelope["data"]["status"], 1))
 
 
+def _bulk_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The selection flags of ``bulk-cancel`` and ``bulk-retry``: a filter, or run ids."""
+    options = [
+        click.option("--workflow", "workflow_id", default=None, help="Runs of this workflow."),
+        click.option("--status", default=None, type=click.Choice([s.value for s in RunStatus])),
+        click.option("--trigger-type", default=None, type=click.Choice([t.value for t in TriggerType])),
+        click.option("--created-after", default=None, help="ISO 8601 time (inclusive)."),
+        click.option("--created-before", default=None, help="ISO 8601 time (exclusive)."),
+        click.option(
+            "--run-id", "run_ids", multiple=True, help="A run to act on (repeatable; instead of a filter)."
+        ),
+        click.option("--dry-run", is_flag=True, help="Count the runs and show the first ids; act on none."),
+        click.option("--wait", "then_wait", is_flag=True, help="Follow the action's progress until it ends."),
+        click.option(
+            "--interval",
+            default=0.5,
+            show_default=True,
+            type=click.FloatRange(min=0.05),
+            help="Seconds between progress checks (--wait).",
+        ),
+        click.option(
+            "--idempotency-key", default=None, help="Sent as Idempotency-Key: a repeat is the same action."
+        ),
+        json_option,
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _bulk_body(options: dict[str, Any]) -> dict[str, Any]:
+    given = {
+        "workflowId": options["workflow_id"],
+        "status": options["status"],
+        "triggerType": options["trigger_type"],
+        "createdAfter": options["created_after"],
+        "createdBefore": options["created_before"],
+    }
+    selection = {k: v for k, v in given.items() if v is not None}
+    if options["run_ids"] and selection:
+        raise click.UsageError("pass --run-id or filter flags (--workflow, --status, …), not both")
+    if not options["run_ids"] and not selection:
+        raise click.UsageError(
+            "say which runs: --workflow, --status, --trigger-type, --created-after, --created-before "
+            "or --run-id"
+        )
+    body: dict[str, Any] = (
+        {"runIds": list(options["run_ids"])} if options["run_ids"] else {"filter": selection}
+    )
+    return {**body, "dryRun": options["dry_run"]}
+
+
+def _bulk(action: str, body: dict[str, Any], options: dict[str, Any]) -> None:
+    """POST the bulk action; show the dry run's count, or the action (and, with --wait, its
+    progress until it ends: exit 0 when every run was acted on, 1 otherwise)."""
+    client = _client()
+    as_json = options["as_json"]
+    key = options["idempotency_key"]
+    headers = {"Idempotency-Key": key} if key and not body["dryRun"] else None
+    envelope = client.call("POST", f"/api/v1/runs/bulk/{action}", body=body, headers=headers)
+    data = envelope["data"]
+    if body["dryRun"]:
+        if as_json:
+            fmt.echo_envelope(envelope)
+            return
+        click.echo(f"dry run: would {action} {data['count']} run(s)")
+        for run_id in data.get("sampleRunIds") or []:
+            click.echo(f"  {run_id}")
+        if data["count"] > len(data.get("sampleRunIds") or []):
+            click.echo(f"  … and {data['count'] - len(data['sampleRunIds'])} more")
+        return
+    if not options["then_wait"]:
+        if as_json:
+            fmt.echo_envelope(envelope)
+        else:
+            click.echo(
+                f"{data['id']}: bulk {data['action']} {data['status']} "
+                f"(progress: GET /api/v1/bulk-actions/{data['id']})"
+            )
+        return
+    out = sys.stderr if as_json else sys.stdout
+    tty = out.isatty()
+    path = f"/api/v1/bulk-actions/{_seg(data['id'])}"
+    last = None
+    while True:
+        envelope = client.call("GET", path)
+        progress = envelope["data"]
+        line = (
+            f"{progress['id']}: {progress['action']} {progress['status']}: "
+            f"{progress['done'] + progress['failed']}/{progress['total']} "
+            f"({progress['done']} done, {progress['failed']} failed)"
+        )
+        if line != last:
+            click.echo(("\r\x1b[K" if tty else "") + line, file=out, nl=not tty)
+            last = line
+        if progress["status"] != "running":
+            break
+        time.sleep(options["interval"])
+    if tty:
+        click.echo("", file=out)
+    if as_json:
+        fmt.echo_envelope(envelope)
+    sys.exit(0 if progress["status"] == "completed" and not progress["failed"] else 1)
+
+
+@runs_group.command("bulk-cancel")
+@_bulk_options
+def runs_bulk_cancel(**options: Any) -> None:
+    """Cancel every pending, running or suspended run a filter (or --run-id) selects, in the background.
+
+    With --wait, exits 0 when every selected run was cancelled and 1 when some could not be
+    (e.g. they finished first) or the action failed.
+    """
+    _bulk("cancel", _bulk_body(options), options)
+
+
+@runs_group.command("bulk-retry")
+@_bulk_options
+@click.option(
+    "--latest", is_flag=True, help="Retry on each workflow's latest version instead of the run's own."
+)
+def runs_bulk_retry(latest: bool, **options: Any) -> None:
+    """Retry every failed or timed-out run a filter (or --run-id) selects, each in a new linked run.
+
+    With --wait, exits 0 when every selected run was retried and 1 when some could not be or the
+    action failed.
+    """
+    body = _bulk_body(options)
+    body["workflowVersion"] = "latest" if latest else "original"
+    _bulk("retry", body, options)
+
+
 # --------------------------------------------------------------------------- workflows
 
 

@@ -2,14 +2,61 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Config
+
+# --------------------------------------------------------------------------- statement counter
+
+# SQL statements this process sent to the database: every engine of a ``Database`` counts through a
+# cursor event, and code that talks to the driver directly calls ``count_statements``. The metrics
+# module publishes the total (``baton_db_statements_total``) so the API's ``/metrics`` sums every
+# process; the benchmark divides the workers' share by the steps they executed.
+_statements = 0
+_statements_lock = threading.Lock()
+
+
+def count_statements(n: int = 1) -> None:
+    """Count ``n`` statements sent without going through a ``Database`` engine (raw driver calls)."""
+    global _statements
+    with _statements_lock:
+        _statements += n
+
+
+def statements_executed() -> int:
+    """Statements this process has sent since it started (an ``executemany`` is one)."""
+    return _statements
+
+
+def _reset_after_fork() -> None:
+    """A forked child has sent nothing yet (a pre-forking server must not count its parent twice)."""
+    global _statements, _statements_lock
+    _statements, _statements_lock = 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _count_cursor_execute(*_args: Any, **_kwargs: Any) -> None:
+    count_statements()
+
+
+def count_engine_statements(engine: Engine) -> None:
+    """Count every statement ``engine`` executes (once per cursor execute, ``executemany`` included)."""
+    if not event.contains(engine, "after_cursor_execute", _count_cursor_execute):
+        event.listen(engine, "after_cursor_execute", _count_cursor_execute)
+
+
+# --------------------------------------------------------------------------- engine and sessions
 
 
 class Database:
@@ -29,6 +76,7 @@ class Database:
             self.engine = create_engine(
                 self.url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800
             )
+        count_engine_statements(self.engine)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager

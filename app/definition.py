@@ -118,6 +118,9 @@ class DefinitionSchema(Schema):
             if step["id"] in seen:
                 errors.setdefault(str(index), {})["id"] = [f"Duplicate step id {step['id']!r}"]
             seen.add(step["id"])
+            problem = idempotency_key_problem(step)
+            if problem:
+                errors.setdefault(str(index), {})["input.idempotencyKey"] = [problem]
             for field_name, value in (("input", step.get("input")), ("if", step.get("condition"))):
                 for path, message in templating.check_syntax(value):
                     key = f"{field_name}.{path}" if path else field_name
@@ -129,6 +132,27 @@ class DefinitionSchema(Schema):
             problems[f"output.{path}" if path else "output"] = [message]
         if problems:
             raise ValidationError(problems)
+
+
+IDEMPOTENCY_KEY_MAX = 255
+
+
+def idempotency_key_problem(step: dict[str, Any]) -> str | None:
+    """``http.request``'s ``idempotencyKey``: ``false`` (no header), ``true`` (the default
+    ``<run id>:<step id>``) or a string (a template allowed) of 1 to 255 printable characters."""
+    params = step.get("input")
+    if step.get("action") != "http.request" or not isinstance(params, dict) or "idempotencyKey" not in params:
+        return None
+    value = params["idempotencyKey"]
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str) and 1 <= len(value) <= IDEMPOTENCY_KEY_MAX and value.isprintable():
+        return None
+    return (
+        "idempotencyKey must be false (send no Idempotency-Key), true (the default, "
+        f"<run id>:<step id>) or a string of 1 to {IDEMPOTENCY_KEY_MAX} printable characters "
+        "(templates allowed)"
+    )
 
 
 def flatten(messages: Any, prefix: str = "") -> dict[str, list[str]]:

@@ -83,9 +83,20 @@ def for_status(status: int) -> type[BatonError]:
 
 def is_transient(exc: BaseException) -> bool:
     """A database or Redis outage (worth retrying, a 503), not a bug or bad input."""
+    import psycopg
     import redis
     from sqlalchemy import exc as sa
 
     return isinstance(
-        exc, (sa.OperationalError, sa.InterfaceError, sa.TimeoutError, redis.ConnectionError)
-    ) or (isinstance(exc, redis.TimeoutError))
+        exc,
+        (
+            sa.OperationalError,
+            sa.InterfaceError,
+            sa.TimeoutError,
+            # The hot path runs on the driver's connection (``engine.hotpath``): its errors unwrapped.
+            psycopg.OperationalError,
+            psycopg.InterfaceError,
+            redis.ConnectionError,
+            redis.TimeoutError,
+        ),
+    )

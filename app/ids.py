@@ -10,6 +10,7 @@ from uuid6 import uuid7
 
 _UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 RUN_ID = re.compile(rf"^run_{_UUID}\Z")  # \Z: `$` would accept a trailing newline
+BULK_ID = re.compile(rf"^bulk_{_UUID}\Z")
 WORKFLOW_ID = re.compile(r"^wf_[a-z0-9][a-z0-9_-]{0,63}\Z")
 
 

@@ -27,9 +27,11 @@ from typing import Any
 
 import redis
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from sqlalchemy import event
 from sqlalchemy.orm import Session
+
+from app import db
 
 logger = logging.getLogger("baton.metrics")
 
@@ -68,6 +70,25 @@ HTTP_DURATION = Histogram(
     ["route", "method", "status"],
     registry=REGISTRY,
 )
+
+
+class _StatementsCollector:
+    """``baton_db_statements_total``: read from the database module's counter at each collection, so
+    the hot path pays one locked increment per statement and nothing for Prometheus."""
+
+    name = "baton_db_statements"
+    documentation = "SQL statements sent to the database (an executemany counts once)"
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.name, self.documentation, value=db.statements_executed())
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.name, self.documentation)
+
+
+DB_STATEMENTS = _StatementsCollector()
+REGISTRY.register(DB_STATEMENTS)  # type: ignore[arg-type]
+DB_STATEMENTS_SERIES = "baton_db_statements_total"
 
 # The sweeps' result keys (``engine.sweep``) as label values.
 SWEEP_KINDS = {
@@ -108,15 +129,21 @@ def run_finished(session: Session, workflow_id: str, status: str) -> None:
     on_commit(session, RUNS_FINISHED.labels(workflow_id, str(status)).inc)
 
 
+def count_run_finished(workflow_id: str, status: str) -> None:
+    """``run_finished`` for a transaction that already committed."""
+    RUNS_FINISHED.labels(workflow_id, str(status)).inc()
+
+
 def attempt_recorded(session: Session, action: str, outcome: str, seconds: float | None) -> None:
     """One step attempt ended: its outcome and (when it ran) its duration, counted at commit."""
+    on_commit(session, lambda: count_attempt(action, outcome, seconds))
 
-    def count() -> None:
-        STEP_ATTEMPTS.labels(action, outcome).inc()
-        if seconds is not None:
-            STEP_DURATION.labels(action).observe(max(0.0, seconds))
 
-    on_commit(session, count)
+def count_attempt(action: str, outcome: str, seconds: float | None) -> None:
+    """``attempt_recorded`` for a transaction that already committed."""
+    STEP_ATTEMPTS.labels(action, outcome).inc()
+    if seconds is not None:
+        STEP_DURATION.labels(action).observe(max(0.0, seconds))
 
 
 def swept(counts: dict[str, int]) -> None:
@@ -369,6 +396,26 @@ def cluster_samples(
     for key, value in local.items():
         totals[key] += value
     return totals
+
+
+def _decoded(values: dict[Any, Any]) -> dict[Series, float]:
+    return {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in values.items()}
+
+
+def retired_samples(client: redis.Redis, namespace: str) -> dict[Series, float]:
+    """The totals of processes that stopped (or were folded as dead), without folding anything: a
+    caller that stops a set of processes reads their whole contribution as the change of this."""
+    return _decoded(client.hgetall(_keys(namespace)[1]))
+
+
+def live_samples(client: redis.Redis, namespace: str) -> dict[str, dict[Series, float]]:
+    """Each live process's last snapshot, by publisher id (``host:pid:suffix``)."""
+    index, _retired, prefix = _keys(namespace)
+    members = [m.decode() if isinstance(m, bytes) else m for m in client.zrange(index, 0, -1)]
+    pipe = client.pipeline(transaction=False)
+    for member in members:
+        pipe.hgetall(prefix + member)
+    return {member: _decoded(values) for member, values in zip(members, pipe.execute(), strict=True)}
 
 
 def _families(registry: CollectorRegistry) -> dict[str, tuple[str, str, str]]:

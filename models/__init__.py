@@ -1,6 +1,7 @@
 """SQLAlchemy 2.0 typed models; no Flask, no HTTP."""
 
 from models.base import Base
+from models.bulk import BulkAction, BulkActionRun
 from models.runs import (
     RUN_STATUSES,
     STEP_STATUSES,
@@ -10,7 +11,7 @@ from models.runs import (
     StepRun,
 )
 from models.secrets import Secret
-from models.states import RunStatus, StepStatus, TriggerType
+from models.states import BulkItemState, BulkKind, BulkStatus, RunStatus, StepStatus, TriggerType
 from models.tenancy import ApiKey, Company
 from models.triggers import Schedule, WebhookDelivery
 from models.workflows import Workflow, WorkflowVersion
@@ -21,6 +22,11 @@ __all__ = [
     "TRIGGER_TYPES",
     "ApiKey",
     "Base",
+    "BulkAction",
+    "BulkActionRun",
+    "BulkItemState",
+    "BulkKind",
+    "BulkStatus",
     "Company",
     "Run",
     "RunStatus",

@@ -38,3 +38,26 @@ class TriggerType(_Status):
     WEBHOOK = "webhook"
     SCHEDULE = "schedule"
     MANUAL = "manual"
+
+
+class BulkKind(_Status):
+    """What a bulk action does to each of its runs."""
+
+    CANCEL = "cancel"
+    RETRY = "retry"
+
+
+class BulkStatus(_Status):
+    """A bulk action: ``running`` until it has gone through every run it selected."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class BulkItemState(_Status):
+    """One run of a bulk action: not reached yet, acted on, or not acted on (with the reason)."""
+
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"

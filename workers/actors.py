@@ -5,7 +5,7 @@ from __future__ import annotations
 import dramatiq
 
 from app.queue import EXECUTE_STEP, StepQueue
-from workers import executor
+from workers import bulk, executor
 from workers.middleware import ProcessServices
 
 # Each step's own timeout is enforced by StepTimeLimit; the message limit only backs it up for
@@ -24,7 +24,8 @@ def execute_step(run_id: str, step_id: str, attempt: int, company_id: str | None
 
 def register(queue: StepQueue) -> dramatiq.Actor:
     """Declare ``execute_step`` on the queue's broker and steps queue (namespaced on RabbitMQ, so
-    it is known only once the broker is built)."""
+    it is known only once the broker is built), and the bulk-action actor beside it."""
+    bulk.register(queue)
     return dramatiq.actor(
         execute_step,
         actor_name=EXECUTE_STEP,

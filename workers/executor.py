@@ -213,9 +213,15 @@ def execute_message(
 ) -> None:
     """Claim the message's step and run its chain (nothing if the message is stale or cancelled:
     the claim refuses a step of a run that is no longer running, so no cancel flag is read)."""
-    claim = engine.claim_step(services, run_id, step_id, attempt)  # an outage: the message is retried
-    if claim is not None:
+    # An outage: the message is retried. A pure step's claim commits with its result.
+    claim = engine.claim_step(services, run_id, step_id, attempt, defer_pure=True)
+    if claim is None:
+        return
+    try:
         run_chain(services, leases, time_limit, claim)
+    finally:
+        if claim.tx is not None:  # never left open, whatever stopped the chain
+            engine.abandon_claim(claim)
 
 
 def run_chain(
@@ -224,7 +230,12 @@ def run_chain(
     """Execute a claimed step, record it, and keep going inline while the next step is claimed (the
     record claims it only while the run is running: a cancel committed before stops the chain)."""
     while claim is not None:
-        leases.hold(claim)
+        # A pure step's deferred claim is not visible to the heartbeat's lease renewal (which would
+        # wait on its row); an outage while recording it rolls the claim back, and the message is
+        # retried by Dramatiq as before a claim.
+        deferred = claim.tx is not None
+        if not deferred:
+            leases.hold(claim)
         logged = logs.bind(
             run_id=claim.run_id, step_id=claim.step_id, attempt=claim.attempt, company_id=claim.company_id
         )
@@ -234,8 +245,18 @@ def run_chain(
                 logs.redact_in_context(redaction.forms(values.values()))
             outcome = redact(claim, execute(claim, time_limit, services.config, values), values)
             outcome.completed_at = outcome.completed_at or utcnow()
-            nxt = persist(engine.record_result, services, claim, outcome)
+            if deferred and outcome.status not in (S.SUCCESS, S.SKIPPED):
+                engine.commit_claim(claim)  # retries, failures and parks take the general way
+            if claim.tx is not None:  # the claim commits with the result, or neither does
+                nxt = engine.record_result(services, claim, outcome)
+            else:
+                nxt = persist(engine.record_result, services, claim, outcome)
+        except BaseException as exc:
+            if claim.tx is not None:
+                engine.abandon_claim(claim, exc)
+            raise
         finally:
             logs.reset(logged)
-            leases.release(claim)
+            if not deferred:
+                leases.release(claim)
         claim = nxt.claim

@@ -5,6 +5,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
 import threading
 import time
 from datetime import datetime
@@ -13,7 +14,7 @@ import dramatiq
 from dramatiq.middleware import Middleware
 from dramatiq.threading import raise_thread_exception
 
-from app import engine, slots
+from app import engine, events, slots
 from app.engine import Claim
 from app.engine.states import HEARTBEAT
 from app.services import Services
@@ -36,11 +37,15 @@ class StepTimeLimit:
         self._armed: dict[int, int] = {}  # token -> thread id
         self._tokens = itertools.count(1)
         self._thread: threading.Thread | None = None
+        self._wakes_at = math.inf  # when the timer thread looks at the heap again, by itself
 
     def arm(self, timeout_s: float) -> int:
-        """Limit the calling thread to ``timeout_s`` from now; the timer thread is woken only when
-        this deadline comes before every other (waking it per step cost 6 % of a worker's CPU)."""
+        """Limit the calling thread to ``timeout_s`` from now. The timer thread is woken only when
+        this deadline comes before the moment it wakes anyway: steps of similar timeouts never wake
+        it (a wake per step cost 3-6 % of a worker's CPU, measured)."""
         token = next(self._tokens)
+        thread_id = threading.get_ident()
+        deadline = time.monotonic() + timeout_s
         with self._cond:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="baton-step-time-limit", daemon=True)
@@ -48,11 +53,10 @@ class StepTimeLimit:
             heap = self._heap
             while heap and heap[0][1] not in self._armed:  # steps done since: their deadlines go
                 heapq.heappop(heap)
-            earliest = heap[0][0] if heap else None
-            self._armed[token] = threading.get_ident()
-            deadline = time.monotonic() + timeout_s
-            heapq.heappush(heap, (deadline, token, threading.get_ident()))
-            if earliest is None or deadline < earliest:
+            self._armed[token] = thread_id
+            heapq.heappush(heap, (deadline, token, thread_id))
+            if deadline < self._wakes_at:
+                self._wakes_at = deadline
                 self._cond.notify()
         return token
 
@@ -61,20 +65,23 @@ class StepTimeLimit:
             self._armed.pop(token, None)
 
     def _loop(self) -> None:
+        heap, armed = self._heap, self._armed
         while True:
             with self._cond:
-                while self._heap and self._heap[0][1] not in self._armed:
-                    heapq.heappop(self._heap)
-                if not self._heap:
+                while heap and heap[0][1] not in armed:  # steps done since: their deadlines go
+                    heapq.heappop(heap)
+                if not heap:
+                    self._wakes_at = math.inf
                     self._cond.wait()
                     continue
-                deadline, token, thread_id = self._heap[0]
+                deadline, token, thread_id = heap[0]
                 remaining = deadline - time.monotonic()
                 if remaining > 0:
+                    self._wakes_at = deadline
                     self._cond.wait(remaining)
                     continue
-                heapq.heappop(self._heap)
-                if self._armed.pop(token, None) is not None:
+                heapq.heappop(heap)
+                if armed.pop(token, None) is not None:
                     raise_thread_exception(thread_id, StepTimeout)
 
 
@@ -150,8 +157,14 @@ class ProcessServices(Middleware):
         self.leases.capacity_entry = slots.worker_entry(worker.worker_threads)
         slots.register(self.services, self.leases.capacity_entry)
         self.leases.start()
+        publisher = events.publisher_for(self.services.db)
+        if publisher is not None:
+            publisher.start_shipping()
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         self.leases.stop()
+        publisher = events.publisher_for(self.services.db)
+        if publisher is not None:
+            publisher.stop_shipping()
         if self.leases.capacity_entry is not None:
             slots.unregister(self.services, self.leases.capacity_entry)

@@ -9,7 +9,7 @@ import threading
 import uuid
 from typing import Any
 
-from app import schedules
+from app import bulk, schedules
 from app.engine import sweep
 from app.services import Services
 
@@ -66,6 +66,7 @@ class Scheduler:
         if not leader:
             return None
         counts = sweep(self.services)
+        counts["bulkResent"] = bulk.sweep(self.services)
         if any(counts.values()):
             logger.info("sweep: %s", counts)
         return counts

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from api import context
 from api.dashboard import charts, queries, sessions, timeline
 from api.schemas.runs import step_view
-from app import engine, keys
+from app import engine, keys, rundiff
 from app.engine.states import RUN_TERMINAL
 from app.errors import BatonError, Forbidden, NotFound, ValidationError
 from app.ids import RUN_ID, WORKFLOW_ID
@@ -266,6 +266,26 @@ def run(run_id: str) -> str:
 @bp.route("/runs/<string:run_id>/body")
 def run_body(run_id: str) -> str:
     return render_template("dashboard/_run_body.html", **_run_context(run_id))
+
+
+@bp.route("/runs/<string:run_id>/diff")
+def run_diff(run_id: str) -> str:
+    """This run compared with another of its workflow (``against``; its original by default)."""
+    context.require(RUNS_READ)
+    if not RUN_ID.match(run_id):
+        raise NotFound("Run not found")
+    company_id = context.company_id()
+    against = request.args.get("against", "").strip()
+    with context.services().db.session() as db:
+        run = engine.get_run(db, company_id, run_id)
+        if not against:
+            if not run.restarted_from_run_id:
+                raise ValidationError("Give the id of a run to compare with (against)")
+            against = run.restarted_from_run_id
+        diff = rundiff.diff_runs(db, company_id, run.id, against)
+        other = engine.get_run(db, company_id, diff["againstRunId"])
+    changed = sum(1 for step in diff["steps"] if step["changes"] or step["status"][0] != step["status"][1])
+    return render_template("dashboard/diff.html", run=run, other=other, diff=diff, changed=changed)
 
 
 # ---- workflows -------------------------------------------------------------------------------

@@ -141,11 +141,52 @@ class RestartResultSchema(Schema):
     stepsToRun = fields.List(fields.String())
 
 
+class DiffQuerySchema(Schema):
+    against = fields.String(
+        required=True,
+        validate=validate.Length(1, 100),
+        metadata={"description": "The run to compare with (a run of the same workflow)"},
+    )
+
+
+class ChangeSchema(Schema):
+    path = fields.String(
+        metadata={
+            "description": 'Where the two differ: input, output or error, then .key, ["any key"] or [index]',
+            "example": "output.body.items[2].id",
+        }
+    )
+    before = AnyJSON(metadata={"description": "The value in the `against` run (null when absent)"})
+    after = AnyJSON(metadata={"description": "The value in this run (null when absent)"})
+
+
+class StepDiffSchema(Schema):
+    stepId = fields.String()
+    status = fields.List(
+        fields.String(allow_none=True),
+        metadata={"description": "[this run's, the against run's]; null where the run has no such step"},
+    )
+    durationMs = fields.List(
+        fields.Integer(allow_none=True), metadata={"description": "[this run's, the against run's]"}
+    )
+    changes = fields.List(fields.Nested(ChangeSchema))
+    changesTruncated = fields.Boolean(
+        metadata={"description": "Present (true) when the step has more changed paths than listed (200)"}
+    )
+
+
+class RunDiffSchema(Schema):
+    runId = fields.String()
+    againstRunId = fields.String()
+    steps = fields.List(fields.Nested(StepDiffSchema))
+
+
 RunListEnvelope = envelope("RunListEnvelope", RunSummarySchema, many=True, meta=True)
 RunEnvelope = envelope("RunEnvelope", RunDetailSchema)
 RunLogsEnvelope = envelope("RunLogsEnvelope", RunLogsSchema)
 CancelEnvelope = envelope("CancelEnvelope", CancelResultSchema)
 RestartEnvelope = envelope("RestartEnvelope", RestartResultSchema)
+RunDiffEnvelope = envelope("RunDiffEnvelope", RunDiffSchema)
 
 
 def step_view(row: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@ the workers and the scheduler.
 from app.engine.batch import trigger_batch
 from app.engine.control import cancel_run, resume_run
 from app.engine.execution import claim_step, record_result, release_claim, renew_leases
+from app.engine.hotpath import abandon_claim, commit_claim
 from app.engine.reads import (
     definition_for,
     get_run,
@@ -33,8 +34,10 @@ __all__ = [
     "Outcome",
     "RestartPlan",
     "RetryPolicy",
+    "abandon_claim",
     "cancel_run",
     "claim_step",
+    "commit_claim",
     "deep_merge",
     "definition_for",
     "get_run",

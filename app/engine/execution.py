@@ -9,10 +9,11 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from app import metrics, templating
+from app import actions, metrics, templating
+from app.engine import hotpath
 from app.engine import statements as sql
 from app.engine import transitions as move
-from app.engine.reads import definition_for, finished_results, lock_run, results_of, step_runs
+from app.engine.reads import definition_for, lock_run, results_of, step_runs
 from app.engine.retry import RetryPolicy
 from app.engine.states import LEASE, LEASE_GRACE, RUN_EXECUTING, STEP_FINISHED
 from app.engine.trigger import send_or_leave_to_sweep
@@ -31,35 +32,24 @@ def lease_until(claim_started: datetime, step: dict[str, Any], now: datetime) ->
     return min(now + LEASE, hard)
 
 
-def claim_step(services: Services, run_id: str, step_id: str, attempt: int) -> Claim | None:
-    """Take a queued (or due, waiting) step; None when the message is stale or the run is not active."""
-    with services.db.session() as session:
-        if not move.one_statement(session):
-            return _claim_locked(services, session, run_id, step_id, attempt)
+def claim_step(
+    services: Services, run_id: str, step_id: str, attempt: int, *, defer_pure: bool = False
+) -> Claim | None:
+    """Take a queued (or due, waiting) step; None when the message is stale or the run is not active.
+
+    ``defer_pure`` (the worker): a pure step's claim is left uncommitted, to commit with its result
+    (``hotpath.claim_queued``); the caller then records it at once or abandons it."""
+    if not services.db.is_sqlite:
         now = utcnow()
         # lease_until for a claim made now, without the definition (not known before the read).
-        row = move.claim_queued(session, run_id, step_id, attempt, now, now + min(LEASE, LEASE_GRACE))
-        if row is None or (row.position is None and row.status not in RUN_EXECUTING):
-            return None
-        if row.position is None:  # a due delay, a stale message or a deadline passed: the general way
-            session.rollback()
-            return _claim_locked(services, session, run_id, step_id, attempt)
-        definition = definition_for(session, row.workflow_key, row.workflow_version)
-        # Only a step after the first has finished steps before it (their results feed templates).
-        results = finished_results(session, run_id) if row.position > 0 else {}
-        session.commit()
-    return Claim(
-        run_id=run_id,
-        company_id=row.company_id,
-        workflow_id=row.workflow_id,
-        trigger_type=row.trigger_type,
-        run_input=row.input,
-        definition=definition,
-        position=row.position,
-        attempt=attempt,
-        started_at=now,
-        results=results,
-    )
+        try:
+            lease = now + min(LEASE, LEASE_GRACE)
+            defer = is_pure if defer_pure else hotpath.never
+            return hotpath.claim_queued(services.db, run_id, step_id, attempt, now, lease, defer=defer)
+        except hotpath.Fallback:  # a due delay, a stale message or a deadline passed: the general way
+            pass
+    with services.db.session() as session:
+        return _claim_locked(services, session, run_id, step_id, attempt)
 
 
 def _claim_locked(
@@ -105,6 +95,11 @@ def _claim_locked(
     )
 
 
+def is_pure(step: dict[str, Any]) -> bool:
+    """A step whose claim may wait for its result's commit (``hotpath.claim_queued``)."""
+    return actions.is_pure(step["action"])
+
+
 def release_claim(services: Services, claim: Claim) -> None:
     """A claimed step that must not run after all (cancel seen before it started): skip it."""
     with services.db.session() as session:
@@ -138,6 +133,9 @@ def record_result(services: Services, claim: Claim, outcome: Outcome) -> Next:
     outcome.started_at = outcome.started_at or claim.started_at
     policy = RetryPolicy.of(claim.step)
     finished_ok = outcome.status in (S.SUCCESS, S.SKIPPED)
+    if finished_ok and not services.db.is_sqlite:
+        return _chain_or_finish(services, claim, outcome, now)
+    hotpath.commit_claim(claim)  # a pure step's claim, if deferred: the general way needs it committed
     with services.db.session() as session:
         if finished_ok and not claim.is_last:
             nxt = _chain(session, claim, outcome, now)
@@ -207,19 +205,36 @@ def _result(outcome: Outcome, now: datetime, finished: bool) -> dict[str, Any]:
     }
 
 
+def _chain_or_finish(services: Services, claim: Claim, outcome: Outcome, now: datetime) -> Next:
+    """A step done (PostgreSQL): record it and claim the next one, or end the run after the last,
+    in one statement and one commit on the driver's connection (``hotpath``)."""
+    values = _result(outcome, now, finished=True)
+    if claim.is_last:
+        claim.results[claim.step_id] = {"output": outcome.output, "status": outcome.status}
+        hotpath.finish(services.db, claim, outcome, values, run_ending(claim))
+        return Next()  # None: someone else recorded this attempt (a duplicate delivery); theirs stands
+    following = claim.definition["steps"][claim.position + 1]
+    lease = lease_until(now, following, now)
+    # A chain of pure steps stays in its open transaction (one commit for the lot, held briefly).
+    keep_open = claim.tx is not None and claim.tx.young() and is_pure(following)
+    recorded, claimed, tx = hotpath.chain(services.db, claim, outcome, values, lease, keep_open)
+    if not recorded:
+        return Next()
+    claim.results[claim.step_id] = {"output": outcome.output, "status": outcome.status}
+    if not claimed:
+        return Next()
+    nxt = claim.following(now)
+    nxt.tx = tx
+    return Next(claim=nxt)
+
+
 def _chain(session: Session, claim: Claim, outcome: Outcome, now: datetime) -> Next | None:
     """Step done, another follows: record it and claim the next one, in one transaction (in one
     statement on PostgreSQL)."""
     position = claim.position + 1
     lease = lease_until(now, claim.definition["steps"][position], now)
-    if move.one_statement(session):
-        values = _result(outcome, now, finished=True)
-        recorded, claimed = move.record_and_claim_next(session, claim, outcome.status, lease, **values)
-        if recorded:
-            _count_attempt(session, claim, outcome, outcome.status, now)
-    else:
-        recorded = _record(session, claim, outcome, outcome.status, now)
-        claimed = recorded and move.claim_next(session, claim, position, now, lease)
+    recorded = _record(session, claim, outcome, outcome.status, now)
+    claimed = recorded and move.claim_next(session, claim, position, now, lease)
     if not recorded:
         return None
     claim.results[claim.step_id] = {"output": outcome.output, "status": outcome.status}
@@ -269,19 +284,24 @@ def _complete(session: Session, run: Run, claim: Claim, outcome: Outcome, now: d
 
 
 def complete_run(session: Session, run: Run, claim: Claim, now: datetime) -> None:
-    """The run's output: the ``output`` mapping, or the last executed step's output."""
+    """The run's end after its last step: see ``run_ending``."""
+    status, output, error = run_ending(claim)
+    move.finish_run(session, run, status, now, output=output, error=error)
+
+
+def run_ending(claim: Claim) -> tuple[RunStatus, Any, Any]:
+    """(status, output, error) of a run whose last step finished: completed with the ``output``
+    mapping, or the last executed step's output; failed when the mapping does not render."""
     mapping = claim.definition.get("output")
     if mapping is None:
         ran = [r for r in (claim.results.get(s["id"]) for s in claim.definition["steps"]) if r]
         succeeded = [r for r in ran if r["status"] == S.SUCCESS]
-        move.finish_run(session, run, R.COMPLETED, now, output=succeeded[-1]["output"] if succeeded else None)
-        return
+        return R.COMPLETED, succeeded[-1]["output"] if succeeded else None, None
     try:
         output = templating.render(mapping, claim.template_context(), "output")
     except templating.TemplateError as exc:
-        move.finish_run(session, run, R.FAILED, now, error={"code": "OUTPUT_ERROR", "message": str(exc)})
-        return
-    move.finish_run(session, run, R.COMPLETED, now, output=output)
+        return R.FAILED, None, {"code": "OUTPUT_ERROR", "message": str(exc)}
+    return R.COMPLETED, output, None
 
 
 def _park(session: Session, run: Run, claim: Claim, outcome: Outcome, now: datetime) -> Next | None:

@@ -34,6 +34,15 @@ def definition_for(session: Session, workflow_key: str, version: int) -> dict[st
     return definition
 
 
+def cached_definition(workflow_key: str, version: int) -> dict[str, Any] | None:
+    return _definitions.get((workflow_key, version))
+
+
+def remember_definition(workflow_key: str, version: int, definition: dict[str, Any]) -> None:
+    with _definitions_lock:
+        _definitions[(workflow_key, version)] = definition
+
+
 class WorkflowRef(Protocol):
     """What a trigger needs of a workflow row."""
 
@@ -126,9 +135,3 @@ def step_attempts(session: Session, run_id: str) -> list[StepAttempt]:
 def results_of(rows: list[StepRun]) -> dict[str, dict[str, Any]]:
     """The finished steps' outputs and statuses: the ``steps`` of the template context."""
     return {r.step_id: {"output": r.output, "status": r.status} for r in rows if r.status in STEP_FINISHED}
-
-
-def finished_results(session: Session, run_id: str) -> dict[str, dict[str, Any]]:
-    """``results_of`` read from the finished steps' columns alone (the claim's hot path)."""
-    rows = session.connection().execute(sql.FINISHED_RESULTS, {"b_run": run_id})
-    return {step_id: {"output": output, "status": status} for step_id, output, status in rows}

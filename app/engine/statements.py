@@ -129,9 +129,36 @@ def _chain() -> Any:
     return _counted(held, recorded, logged, claimed)
 
 
+def _finish() -> Any:
+    # The run row locked first (FOR UPDATE, as ``reads.lock_run`` does for every writer that ends
+    # a run), then the last step recorded and logged, then the run finished if it still runs.
+    held = select(RUNS.c.id).where(RUNS.c.id == bindparam("b_run")).with_for_update().cte("held")
+    recorded, logged = _record_and_log(RECORD.where(exists(select(held.c.id))))
+    finished = (
+        update(RUNS)
+        .where(
+            RUNS.c.id == bindparam("b_run"),
+            RUNS.c.status == RunStatus.RUNNING,
+            exists(select(recorded.c.step_id)),
+        )
+        .values(
+            status=bindparam("r_status"),
+            completed_at=bindparam("r_completed_at"),
+            duration_ms=bindparam("r_duration_ms"),
+            output=bindparam("r_output"),
+            error=bindparam("r_error"),
+        )
+        .returning(literal_column("1"))
+        .cte("finished")
+    )
+    return _counted(held, recorded, logged, finished)
+
+
 # PostgreSQL only (no data-modifying CTEs on SQLite, which takes the statements one by one).
 RECORD_LOG = _record_log()
 CHAIN = _chain()
+# The last step's result and the run's end (completed, or failed by its output mapping).
+FINISH = _finish()
 
 
 def _claim_queued() -> Any:
@@ -146,6 +173,7 @@ def _claim_queued() -> Any:
             RUNS.c.input,
             RUNS.c.status,
             RUNS.c.deadline_at,
+            RUNS.c.started_at.label("run_started_at"),
         )
         .where(RUNS.c.id == bindparam("b_run"))
         .with_for_update()

@@ -94,26 +94,6 @@ def claim_step(session: Session, row: StepRun, values: dict[str, Any]) -> bool:
     return True
 
 
-def claim_queued(
-    session: Session, run_id: str, step_id: str, attempt: int, now: datetime, lease: datetime
-) -> Any:
-    """The message's queued step → running, and a pending run → running, in one statement
-    (PostgreSQL; ``statements.CLAIM_QUEUED``): its row, or None when the run does not exist."""
-    check_step_move(S.QUEUED, S.RUNNING)
-    check_run_move(R.PENDING, R.RUNNING)
-    params = {"b_run": run_id, "b_step": step_id, "b_attempt": attempt, "now": now, "lease": lease}
-    row = session.connection().execute(sql.CLAIM_QUEUED, params).one_or_none()
-    if row is None or row.position is None:
-        return row
-    data = events.step_data(run_id, step_id, S.RUNNING, attempt, now, error=row.error)
-    events.note_step(session, row, data)
-    if row.started:
-        run = Run(id=run_id, company_id=row.company_id, workflow_id=row.workflow_id, status=R.RUNNING)
-        run.started_at = now
-        events.note_run(session, run)
-    return row
-
-
 def claim_next(session: Session, claim: Claim, position: int, now: datetime, lease: datetime) -> bool:
     """The step after ``claim`` (pending) → running, only while the run is still running."""
     params = {"b_run": claim.run_id, "b_step": claim.definition["steps"][position]["id"]}
@@ -158,26 +138,6 @@ def record_logged(session: Session, claim: Claim, to: StepStatus, **values: Any)
     return True
 
 
-def record_and_claim_next(
-    session: Session, claim: Claim, to: StepStatus, lease: datetime, **values: Any
-) -> tuple[bool, bool]:
-    """``record_logged`` and ``claim_next`` (the step after, while the run is running) in one
-    statement (PostgreSQL): whether the record applied, and whether the next step was claimed."""
-    check_step_move(S.RUNNING, to)
-    check_step_move(S.PENDING, S.RUNNING)
-    params = _record_params(claim, to, values)
-    following = claim.definition["steps"][claim.position + 1]["id"]
-    now = values["completed_at"]
-    extra = {"b_next": following, "now": now, "lease": lease}
-    _held, recorded, _logged, claimed = session.connection().execute(sql.CHAIN, {**params, **extra}).one()
-    if recorded != 1:
-        return False, False
-    _note_claimed(session, claim, to, values)
-    if claimed == 1:
-        events.note_step(session, claim, events.step_data(claim.run_id, following, S.RUNNING, 1, now))
-    return True, claimed == 1
-
-
 def update_claimed(session: Session, claim: Claim, to: StepStatus, **values: Any) -> bool:
     """The claimed attempt (running) → ``to`` with arbitrary columns (parking, releasing)."""
     check_step_move(S.RUNNING, to)
@@ -198,8 +158,12 @@ def update_claimed(session: Session, claim: Claim, to: StepStatus, **values: Any
 
 
 def _note_claimed(session: Session, claim: Claim, to: StepStatus, values: dict[str, Any]) -> None:
-    """The claimed attempt's event, from the columns just written (no read)."""
-    data = events.step_data(
+    events.note_step(session, claim, claimed_data(claim, to, values))
+
+
+def claimed_data(claim: Claim, to: StepStatus, values: dict[str, Any]) -> dict[str, Any]:
+    """The claimed attempt's event payload, from the columns just written (no read)."""
+    return events.step_data(
         claim.run_id,
         claim.step_id,
         to,
@@ -209,7 +173,6 @@ def _note_claimed(session: Session, claim: Claim, to: StepStatus, values: dict[s
         values.get("duration_ms"),
         values.get("error"),
     )
-    events.note_step(session, claim, data)
 
 
 def move_step(session: Session, row: StepRun, to: StepStatus, **values: Any) -> bool:

@@ -17,6 +17,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from app import events, metrics
+from app.db import count_statements
 from app.engine import statements as sql
 from app.engine.reads import WorkflowRef, definition_for, workflow_ref
 from app.engine.states import STUCK_AFTER
@@ -219,6 +220,7 @@ def _insert_planned(
         conn = pooled.driver_connection
         conn.autocommit = True
         try:
+            count_statements()  # sent on the driver's connection, past the engine's counter
             inserted = conn.execute(_INSERT_RUN_IF_CURRENT, params).rowcount
         finally:
             if not conn.closed:
@@ -243,7 +245,9 @@ def _after_commit(services: Services, run: NewRun, first_step: str) -> None:
     created = events.created(run, [first_step_row(first_step)])
     publisher = events.publisher_for(services.db)
     step = (run.id, first_step, 1, run.company_id)
-    pipe = services.queue.shared_pipeline(publisher.redis) if publisher is not None else None
+    pipe = None
+    if publisher is not None and not publisher.shipping:  # a shipping process keeps its events' order
+        pipe = services.queue.shared_pipeline(publisher.redis)
     if publisher is None or pipe is None:
         if publisher is not None:
             publisher.publish(created)

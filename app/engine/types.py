@@ -42,6 +42,10 @@ class Claim:
     # Set when the step was a waiting delay that is now due: it completes without running again.
     resumed_input: Any = None
     waited_since: datetime | None = None
+    # When the run started (its duration is counted from it when the run ends).
+    run_started_at: datetime | None = None
+    # A pure step's claim not committed yet (``hotpath.claim_queued``): its result commits it.
+    tx: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
     def of_run(cls, run: Any, definition: dict[str, Any], position: int, attempt: int, **rest: Any) -> Claim:
@@ -55,6 +59,7 @@ class Claim:
             definition=definition,
             position=position,
             attempt=attempt,
+            run_started_at=run.started_at,
             **rest,
         )
 
@@ -67,6 +72,7 @@ class Claim:
             started_at=started_at,
             resumed_input=None,
             waited_since=None,
+            tx=None,
         )
 
     @property

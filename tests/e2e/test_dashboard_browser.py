@@ -1,6 +1,6 @@
 """The dashboard in headless Chromium: sign in, find a failed run, restart it from the failed step
-with an override, and watch the new run complete without reloading; screenshots are saved under
-``tests/artifacts/``."""
+with an override, watch the new run complete without reloading and compare it with the original;
+screenshots are saved under ``tests/artifacts/``."""
 
 from __future__ import annotations
 
@@ -135,6 +135,23 @@ def _restart_and_watch(page: Any, live_server: str, failed_id: str) -> str:
     return new_id
 
 
+def _compare_with_the_original(page: Any, live_server: str, failed_id: str, new_id: str) -> None:
+    """The restarted run's "compare with original" link: what the override changed, step by step."""
+    from playwright.sync_api import expect
+
+    page.click("#compare-original")
+    expect(page).to_have_url(f"{live_server}/dashboard/runs/{new_id}/diff?against={failed_id}")
+    expect(page.locator('.diff-step[data-step-id="fetch-order"] .muted')).to_have_text("no change")
+    charge = page.locator('.diff-step[data-step-id="charge"]')
+    expect(charge.locator(".badge")).to_have_text(["error", "success"])  # before → after
+    card = charge.locator('.change[data-path="input.card"]')
+    expect(card.locator(".before")).to_have_text('"expired"')
+    expect(card.locator(".after")).to_have_text('"valid"')
+    page.screenshot(path=str(ARTIFACTS / "run-diff.png"), full_page=True)
+    page.click("#diff-this")
+    expect(page).to_have_url(f"{live_server}/dashboard/runs/{new_id}")
+
+
 def _visit_the_other_pages(page: Any, live_server: str) -> None:
     from playwright.sync_api import expect
 
@@ -174,6 +191,7 @@ def test_restart_a_failed_run_from_the_dashboard(
     _open_the_failed_run(page, live_server, failed_id)
     new_id = _restart_and_watch(page, live_server, failed_id)
     assert wait_run(new_id)["status"] == "completed"
+    _compare_with_the_original(page, live_server, failed_id, new_id)
     _visit_the_other_pages(page, live_server)
 
     elsewhere = [u for u in page.requests if not u.startswith((live_server, "data:"))]

@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 
 from api import events as api_events
-from app import keys
+from app import bulk, keys
 from app.keys import ADMIN, RUNS_READ, RUNS_WRITE, SCOPES, SECRETS_WRITE, WORKFLOWS_WRITE
+from models import BulkKind
 from tests import factories
 from tests.e2e.test_auth_errors import assert_error
 
@@ -38,6 +39,10 @@ ROUTE_SCOPES: dict[tuple[str, str], str | None] = {
     ("POST", "/api/v1/runs/<run_id>/retry"): RUNS_WRITE,
     ("POST", "/api/v1/runs/<run_id>/restart"): RUNS_WRITE,
     ("POST", "/api/v1/runs/<run_id>/resume"): RUNS_WRITE,
+    ("GET", "/api/v1/runs/<run_id>/diff"): RUNS_READ,
+    ("POST", "/api/v1/runs/bulk/cancel"): RUNS_WRITE,
+    ("POST", "/api/v1/runs/bulk/retry"): RUNS_WRITE,
+    ("GET", "/api/v1/bulk-actions/<bulk_id>"): RUNS_READ,
     ("GET", "/api/v1/runs/<run_id>/events"): RUNS_READ,
     ("GET", "/api/v1/events"): RUNS_READ,
     ("GET", "/api/v1/keys"): ADMIN,
@@ -52,6 +57,8 @@ ROUTE_SCOPES: dict[tuple[str, str], str | None] = {
 UNSCOPED = re.compile(r"^/api/v1/(webhooks/|openapi\.json$|docs)")
 # A resource the caller names itself: another company's name is the caller's own new resource.
 CALLER_NAMED = {("PUT", "/api/v1/secrets/<name>")}
+# Bodies and query strings may name the world's own ids (``<run_id>``), filled in by ``World.path``.
+QUERIES: dict[tuple[str, str], str] = {("GET", "/api/v1/runs/<run_id>/diff"): "?against=<run_id>"}
 BODIES: dict[tuple[str, str], Any] = {
     ("POST", "/api/v1/workflows"): {"name": "posted", "steps": [{"id": "a", "action": "transform"}]},
     ("PUT", "/api/v1/workflows/<workflow_id>"): {
@@ -62,6 +69,8 @@ BODIES: dict[tuple[str, str], Any] = {
     ("POST", "/api/v1/workflows/<workflow_id>/runs/batch"): {"items": [{"input": {}}]},
     ("POST", "/api/v1/runs/<run_id>/restart"): {"fromStepId": "a"},
     ("POST", "/api/v1/runs/<run_id>/resume"): {"approved": True},
+    ("POST", "/api/v1/runs/bulk/cancel"): {"runIds": ["<run_id>"]},
+    ("POST", "/api/v1/runs/bulk/retry"): {"runIds": ["<run_id>"]},
     ("POST", "/api/v1/keys"): {"name": "posted", "scopes": [RUNS_READ]},
     ("PUT", "/api/v1/secrets/<name>"): {"value": "s3cret-value"},
 }
@@ -89,6 +98,7 @@ class World:
     run_id: str = ""
     key_id: str = ""
     secret_name: str = ""
+    bulk_id: str = ""
     only: dict[str, str] = field(default_factory=dict)
 
     def path(self, rule: str) -> str:
@@ -97,10 +107,19 @@ class World:
             .replace("<run_id>", self.run_id)
             .replace("<key_id>", self.key_id)
             .replace("<name>", self.secret_name)
+            .replace("<bulk_id>", self.bulk_id)
         )
 
+    def body(self, value: Any) -> Any:
+        """A request body with the world's ids in place of their placeholders."""
+        if isinstance(value, dict):
+            return {k: self.body(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.body(v) for v in value]
+        return self.path(value) if isinstance(value, str) else value
+
     def ids(self) -> list[str]:
-        return [self.company_id, self.workflow_id, self.run_id, self.key_id, self.secret_name]
+        return [self.company_id, self.workflow_id, self.run_id, self.key_id, self.secret_name, self.bulk_id]
 
 
 def make_world(services: Any, client: Any) -> World:
@@ -114,6 +133,9 @@ def make_world(services: Any, client: Any) -> World:
         world.key_id = spare.id
         world.only = {s: keys.create_key(session, company, f"only-{s}", [s]) for s in SCOPES}
         session.commit()
+    # A finished bulk action (its failed run is no cancel's business: none selected, no message).
+    selection = bulk.Selection(BulkKind.CANCEL, run_ids=(world.run_id,))
+    world.bulk_id = bulk.create(services, world.company_id, selection, {"runIds": [world.run_id]})[0].id
     world.secret_name = f"S_{uuid.uuid4().hex}"  # echoed by a PUT of the same name: not the marker
     response = client.put(
         f"/api/v1/secrets/{world.secret_name}", json={"value": marker}, headers={"x-api-key": world.admin}
@@ -124,7 +146,10 @@ def make_world(services: Any, client: Any) -> World:
 
 def call(client: Any, method: str, rule: str, world: World, key: str) -> Any:
     response = client.open(
-        world.path(rule), method=method, json=BODIES.get((method, rule)), headers={"x-api-key": key}
+        world.path(rule + QUERIES.get((method, rule), "")),
+        method=method,
+        json=world.body(BODIES.get((method, rule))),
+        headers={"x-api-key": key},
     )
     response.get_data()  # an event stream is read to its (short) end inside its request context
     response.close()

@@ -197,6 +197,7 @@ class Engine:
         """The run's published events (``app.events``), oldest first: payloads with ``kind`` added."""
         publisher = events.publisher_for(self.services.db)
         assert publisher is not None
+        assert publisher.flush(), "a worker fixture's shipping thread sends what it holds first"
         entries = events.history(self.services.redis, events.run_stream(publisher.namespace, run_id))
         found = [{"kind": entry.kind, **entry.payload()} for entry in entries]
         return [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -168,3 +169,56 @@ def test_publishing_is_one_round_trip_per_commit(e: Engine, monkeypatch: pytest.
     # trigger (run + first step), claim (step + run), chain (a success + b running)
     assert calls == [2, 2, 2]
     assert len(e.events(run_id)) == 6
+
+
+def test_a_worker_ships_its_commits_events_from_a_thread_in_order_and_flushes_them_on_stop(
+    e: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publisher = events.publisher_for(e.services.db)
+    assert publisher is not None
+    calls: list[int] = []
+    real = publisher._send
+
+    def counting(encoded: list[object]) -> None:
+        calls.append(len(encoded))
+        real(encoded)
+
+    monkeypatch.setattr(publisher, "_send", counting)
+    publisher.start_shipping()
+    try:
+        run_id, claim = e.start(step("a"), step("b"), step("c"))
+        b = e.record(claim, success()).claim
+        assert b is not None
+        c = e.record(b, success()).claim
+        assert c is not None
+        e.record(c, success())
+        deadline = time.monotonic() + 10
+        while len(e.events(run_id)) < 10 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        publisher.stop_shipping()
+    kinds = [(ev["kind"], ev.get("stepId"), ev["status"]) for ev in e.events(run_id)]
+    assert kinds == [
+        ("run", None, "pending"),
+        ("step", "a", "queued"),
+        ("step", "a", "running"),
+        ("run", None, "running"),
+        ("step", "a", "success"),
+        ("step", "b", "running"),
+        ("step", "b", "success"),
+        ("step", "c", "running"),
+        ("step", "c", "success"),
+        ("run", None, "completed"),
+    ]
+    assert sum(calls) == 10
+
+
+def test_stopping_the_shipping_thread_sends_what_it_still_holds(e: Engine) -> None:
+    publisher = events.publisher_for(e.services.db)
+    assert publisher is not None
+    publisher.start_shipping()
+    run_ids = [e.trigger(e.workflow(step("a"))) for _ in range(20)]
+    publisher.stop_shipping()
+    assert all(len(e.events(run_id)) == 2 for run_id in run_ids), "every trigger's two events, once"
+    run_id = e.trigger(e.workflow(step("a")))
+    assert len(e.events(run_id)) == 2, "published at once again after the stop"

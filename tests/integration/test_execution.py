@@ -8,16 +8,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 
+import psycopg
 import pytest
 from sqlalchemy import delete, event
 
 from app import engine, metrics
 from app.actions import Park
-from app.engine import Outcome
+from app.engine import Outcome, hotpath
 from app.engine.execution import lease_until
 from app.engine.states import LEASE, LEASE_GRACE
 from app.services import Services
-from app.timeutil import duration_ms, epoch_ms, utcnow
+from app.timeutil import duration_ms, epoch_ms, iso, utcnow
 from models import Run
 from models.states import RunStatus, StepStatus
 from tests.integration.conftest import Engine, failure, parked, retrying, step, success, until_past
@@ -187,12 +188,17 @@ def statements_of_this_thread(e: Engine) -> Iterator[dict[str, int]]:
         if threading.get_ident() == me:
             counts["commits"] += 1
 
+    def hot(kind: str) -> None:  # the hot path's statements, on the driver's connection
+        (statement if kind == "statement" else commit)()
+
     bind = e.services.db.engine
     event.listen(bind, "before_cursor_execute", statement)
     event.listen(bind, "commit", commit)
+    hotpath.observers.append(hot)
     try:
         yield counts
     finally:
+        hotpath.observers.remove(hot)
         event.remove(bind, "before_cursor_execute", statement)
         event.remove(bind, "commit", commit)
 
@@ -205,6 +211,35 @@ def test_a_chained_step_is_recorded_logged_and_the_next_claimed_in_one_statement
     assert counts == {"statements": 1, "commits": 1}
     assert e.statuses(run_id) == [S.SUCCESS, S.RUNNING]
     assert [(a.step_id, a.status, a.output) for a in e.attempts(run_id)] == [("a", S.SUCCESS, {"v": 1})]
+
+
+def test_the_last_step_is_recorded_logged_and_its_run_finished_in_one_statement(e: Engine) -> None:
+    run_id, claim = e.start(step("a"), step("b"))
+    b = e.record(claim, success({"v": 1})).claim
+    assert b is not None
+    with statements_of_this_thread(e) as counts:
+        nxt = e.record(b, success({"v": 2}))
+    assert nxt.claim is None and nxt.enqueue is None
+    assert counts == {"statements": 1, "commits": 1}
+    run = e.run(run_id)
+    assert run.status == R.COMPLETED and run.output == {"v": 2} and run.error is None
+    assert run.duration_ms == duration_ms(run.started_at, run.completed_at)
+    assert e.step(run_id, "b").completed_at == run.completed_at
+    assert [(a.step_id, a.status) for a in e.attempts(run_id)] == [("a", S.SUCCESS), ("b", S.SUCCESS)]
+    final = [ev for ev in e.events(run_id) if ev["kind"] == "run"][-1]
+    assert final["status"] == "completed" and final["durationMs"] == run.duration_ms
+    assert final["completedAt"] == iso(run.completed_at) and final["startedAt"] == iso(run.started_at)
+
+
+def test_an_output_mapping_that_fails_fails_the_run_in_the_same_statement(e: Engine) -> None:
+    run_id, claim = e.start(step("a"), output={"total": "{{ steps.a.output.missing.deeper }}"})
+    with statements_of_this_thread(e) as counts:
+        e.record(claim, success({"v": 1}))
+    assert counts == {"statements": 1, "commits": 1}
+    run = e.run(run_id)
+    assert run.status == R.FAILED and run.output is None
+    assert run.error is not None and run.error["code"] == "OUTPUT_ERROR"
+    assert e.step(run_id, "a").status == S.SUCCESS
 
 
 def test_attempts_recorded_in_one_statement_are_counted_in_the_metrics(e: Engine) -> None:
@@ -585,3 +620,141 @@ def test_a_retry_whose_message_cannot_be_sent_is_still_recorded(e: Engine, broke
     row = e.step(run_id, "a")
     assert (row.status, row.attempt) == (S.QUEUED, 2), "the row is the truth; the sweep sends it"
     assert e.sent(run_id) == []
+
+
+# ------------------------------------------------------------------ a pure step's deferred claim
+
+
+def test_a_pure_steps_claim_commits_with_its_result_in_one_commit(e: Engine) -> None:
+    run_id = e.trigger(e.workflow(step("a"), step("b", "http.request", input={"url": "http://127.0.0.1:1/"})))
+    with statements_of_this_thread(e) as claiming:
+        claim = engine.claim_step(e.services, run_id, "a", 1, defer_pure=True)
+    assert claim is not None and claim.tx is not None
+    assert e.statuses(run_id) == [S.QUEUED, S.PENDING], "not committed: others see the step queued"
+    assert e.run(run_id).status == R.PENDING
+    with statements_of_this_thread(e) as recording:
+        nxt = e.record(claim, success({"v": 1}))
+    assert claiming == {"statements": 1, "commits": 0} and recording == {"statements": 1, "commits": 1}
+    assert claim.tx is None and nxt.claim is not None and nxt.claim.tx is None
+    assert e.statuses(run_id) == [S.SUCCESS, S.RUNNING] and e.run(run_id).status == R.RUNNING
+    kinds = [(ev["kind"], ev.get("stepId"), ev["status"]) for ev in e.events(run_id)]
+    assert kinds[2:] == [
+        ("step", "a", "running"),
+        ("run", None, "running"),
+        ("step", "a", "success"),
+        ("step", "b", "running"),
+    ]
+
+
+def test_an_abandoned_deferred_claim_leaves_the_step_queued_and_publishes_nothing(e: Engine) -> None:
+    run_id = e.trigger(e.workflow(step("a")))
+    claim = engine.claim_step(e.services, run_id, "a", 1, defer_pure=True)
+    assert claim is not None and claim.tx is not None
+    engine.abandon_claim(claim)
+    assert claim.tx is None
+    assert e.statuses(run_id) == [S.QUEUED] and e.run(run_id).status == R.PENDING
+    assert [ev["status"] for ev in e.events(run_id)] == ["pending", "queued"]
+    again = e.claim(run_id, "a")
+    assert again is not None, "the redelivered message claims it"
+    e.record(again, success())
+    assert e.run(run_id).status == R.COMPLETED
+
+
+def test_a_deferred_claim_whose_step_fails_is_committed_first_then_fails_the_run(e: Engine) -> None:
+    run_id = e.trigger(e.workflow(step("a"), step("b")))
+    claim = engine.claim_step(e.services, run_id, "a", 1, defer_pure=True)
+    assert claim is not None and claim.tx is not None
+    engine.commit_claim(claim)
+    assert claim.tx is None and e.statuses(run_id) == [S.RUNNING, S.PENDING]
+    e.record(claim, failure())
+    assert e.run(run_id).status == R.FAILED
+    assert e.statuses(run_id) == [S.ERROR, S.SKIPPED]
+
+
+def test_only_pure_actions_defer_their_claim(e: Engine) -> None:
+    run_id = e.trigger(e.workflow(step("a", "http.request", input={"url": "http://127.0.0.1:1/"})))
+    claim = engine.claim_step(e.services, run_id, "a", 1, defer_pure=True)
+    assert claim is not None and claim.tx is None, "a step with effects is claimed, committed, then run"
+    assert e.statuses(run_id) == [S.RUNNING]
+
+
+def test_a_lone_hot_statement_commits_by_itself_and_leaves_the_connection_transactional(e: Engine) -> None:
+    from sqlalchemy import literal, select
+
+    with hotpath.Tx(e.services.db) as tx:
+        assert tx.one_and_commit(hotpath.Statement(select(literal(7))), {}) == (7,)
+        assert tx.conn.autocommit is False, "the pool's connections stay in transaction mode"
+        assert tx.conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        tx.one(hotpath.Statement(select(literal(8))), {})
+        assert tx.conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+    assert tx.conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE, "rolled back on close"
+
+
+def test_hot_path_statements_count_in_the_process_statement_counter(e: Engine) -> None:
+    from app import db
+
+    run_id, claim = e.start(step("a"), step("b"))
+    before = db.statements_executed()
+    with statements_of_this_thread(e) as counts:
+        e.record(claim, success())
+    assert counts["statements"] == 1
+    assert db.statements_executed() - before >= 1, "the driver-connection statement is counted too"
+
+
+def test_a_chain_of_pure_steps_commits_once_and_shows_nothing_before(e: Engine) -> None:
+    run_id = e.trigger(e.workflow(step("a"), step("b"), step("c")))
+    with statements_of_this_thread(e) as counts:
+        a = engine.claim_step(e.services, run_id, "a", 1, defer_pure=True)
+        assert a is not None
+        b = e.record(a, success({"v": 1})).claim
+        assert b is not None and b.tx is not None, "the open transaction goes on with b"
+        c = e.record(b, success({"v": 2})).claim
+        assert c is not None and c.tx is not None
+    assert counts == {"statements": 3, "commits": 0}
+    assert e.statuses(run_id) == [S.QUEUED, S.PENDING, S.PENDING] and e.run(run_id).status == R.PENDING
+    assert [ev["status"] for ev in e.events(run_id)] == ["pending", "queued"], "nothing published yet"
+    with statements_of_this_thread(e) as counts:
+        e.record(c, success({"v": 3}))
+    assert counts == {"statements": 1, "commits": 1}
+    run = e.run(run_id)
+    assert run.status == R.COMPLETED and run.output == {"v": 3}
+    assert [(x.step_id, x.output) for x in e.attempts(run_id)] == [
+        ("a", {"v": 1}),
+        ("b", {"v": 2}),
+        ("c", {"v": 3}),
+    ]
+    kinds = [(ev["kind"], ev.get("stepId"), ev["status"]) for ev in e.events(run_id)][2:]
+    assert kinds == [
+        ("step", "a", "running"),
+        ("run", None, "running"),
+        ("step", "a", "success"),
+        ("step", "b", "running"),
+        ("step", "b", "success"),
+        ("step", "c", "running"),
+        ("step", "c", "success"),
+        ("run", None, "completed"),
+    ]
+
+
+def test_an_open_chain_commits_once_it_is_older_than_its_budget(
+    e: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hotpath, "OPEN_CHAIN_S", 0.0)
+    run_id = e.trigger(e.workflow(step("a"), step("b")))
+    a = engine.claim_step(e.services, run_id, "a", 1, defer_pure=True)
+    assert a is not None and a.tx is not None, "the claim itself still waits for its result"
+    b = e.record(a, success()).claim
+    assert b is not None and b.tx is None, "committed: the next step is claimed in the open"
+    assert e.statuses(run_id) == [S.SUCCESS, S.RUNNING]
+    e.record(b, success())
+    assert e.run(run_id).status == R.COMPLETED
+
+
+def test_an_open_chain_stops_before_a_step_with_effects(e: Engine) -> None:
+    run_id = e.trigger(e.workflow(step("a"), step("b", "http.request", input={"url": "http://127.0.0.1:1/"})))
+    a = engine.claim_step(e.services, run_id, "a", 1, defer_pure=True)
+    assert a is not None and a.tx is not None
+    b = e.record(a, success()).claim
+    assert b is not None and b.tx is None
+    assert e.statuses(run_id) == [S.SUCCESS, S.RUNNING], "b's claim is committed before it calls out"
+    e.record(b, success())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -74,3 +75,21 @@ def test_each_of_several_threads_gets_its_own_timeout(count: int) -> None:
     for t in threads:
         t.join(DEADLINE_S * 2)
     assert results == [True] * count
+
+
+def test_steps_of_similar_timeouts_do_not_wake_the_timer_thread() -> None:
+    """Only a deadline earlier than the timer's own next wake notifies it (a wake per step cost CPU)."""
+    limit = StepTimeLimit()
+    held = limit.arm(3600)  # starts the timer thread, which then sleeps towards that deadline
+    deadline = time.monotonic() + DEADLINE_S
+    while limit._wakes_at == math.inf and time.monotonic() < deadline:
+        time.sleep(0.001)
+    notified: list[int] = []
+    real = limit._cond.notify
+    limit._cond.notify = lambda n=1: (notified.append(n), real(n))  # type: ignore[method-assign]
+    for _ in range(100):
+        limit.disarm(limit.arm(3600))
+    assert notified == []
+    assert interrupted_within(limit, 0.05), "an earlier deadline still wakes it and fires"
+    assert notified
+    limit.disarm(held)

@@ -8,6 +8,7 @@ from typing import Any
 import requests
 
 from app.actions import ActionContext, StepError, action
+from app.definition import IDEMPOTENCY_KEY_MAX
 from app.timeutil import utcnow
 from workers.actions import outbound
 
@@ -27,6 +28,26 @@ def _retry_after_ms(value: str | None) -> int | None:
     return max(0, int((when - utcnow()).total_seconds() * 1000))
 
 
+def idempotency_key(ctx: ActionContext, option: Any) -> str | None:
+    """The step's ``Idempotency-Key``: ``<run id>:<step id>`` unless the step's ``idempotencyKey``
+    gives its own (a string, after templating) or ``false`` (none). One value for every attempt of
+    the step, so a service that honours the header (Stripe-style) acts once however often the step
+    is retried; a restart is a new run, so its re-executed steps get new keys."""
+    if option is False:
+        return None
+    if option is True or option is None:
+        return f"{ctx.run_id}:{ctx.step_id}"
+    if isinstance(option, (int, float)) and not isinstance(option, bool):
+        option = str(option)
+    if not isinstance(option, str) or not 1 <= len(option) <= IDEMPOTENCY_KEY_MAX or not option.isprintable():
+        raise StepError(
+            "INVALID_INPUT",
+            f"http.request idempotencyKey must be false, true or 1 to {IDEMPOTENCY_KEY_MAX} printable "
+            "characters",
+        )
+    return option
+
+
 @action("http.request")
 def http_request(ctx: ActionContext, params: Any) -> dict[str, Any]:
     if not isinstance(params, dict) or not isinstance(params.get("url"), str):
@@ -35,10 +56,11 @@ def http_request(ctx: ActionContext, params: Any) -> dict[str, Any]:
     timeout_s = ctx.timeout_s
     if isinstance(params.get("timeoutMs"), (int, float)) and params["timeoutMs"] > 0:
         timeout_s = min(timeout_s, params["timeoutMs"] / 1000)
-    kwargs: dict[str, Any] = {
-        "headers": {str(k): str(v) for k, v in (params.get("headers") or {}).items()},
-        "params": params.get("query") or None,
-    }
+    headers = {str(k): str(v) for k, v in (params.get("headers") or {}).items()}
+    key = idempotency_key(ctx, params.get("idempotencyKey", True))
+    if key is not None and not any(name.lower() == "idempotency-key" for name in headers):
+        headers["Idempotency-Key"] = key  # a header the step sets itself wins
+    kwargs: dict[str, Any] = {"headers": headers, "params": params.get("query") or None}
     if "json" in params:
         kwargs["json"] = params["json"]
     elif "body" in params:
@@ -77,7 +99,7 @@ def http_request(ctx: ActionContext, params: Any) -> dict[str, Any]:
     return output
 
 
-@action("transform")
+@action("transform", pure=True)
 def transform(ctx: ActionContext, params: Any) -> Any:
     return params
 
