@@ -100,10 +100,14 @@ def _observe(response: Response) -> Response:
     if started is not None:
         route = request.url_rule.rule if request.url_rule is not None else UNMATCHED
         metrics.http_request(route, request.method, response.status_code, time.perf_counter() - started)
-    if metrics.current_publisher() is None:
-        services = context.services()
-        metrics.start_publisher(services.redis, services.namespace)
+    share_series(context.services())
     return response
+
+
+def share_series(services: Services) -> None:
+    """Start this process's snapshot thread once it serves requests (not at import: gunicorn forks)."""
+    if metrics.current_publisher() is None:
+        metrics.start_publisher(services.redis, services.namespace)
 
 
 def init_app(app: Flask, api: Api) -> None:

@@ -28,6 +28,7 @@ from api.schemas.workflows import (
 from api.webhooks import DeliveryListEnvelope, deliveries_query
 from app import engine, workflows
 from app.keys import RUNS_WRITE, WORKFLOWS_WRITE
+from app.services import Services
 from models import WebhookDelivery, Workflow
 
 blp = Blueprint(
@@ -139,10 +140,18 @@ class WorkflowRuns(MethodView):
         )
         if created:
             return ok(run_detail(run, [])), 202, {}
-        with services.db.session() as session:
-            run = engine.get_run(session, context.company_id(), run.id)
-            rows = engine.step_runs(session, run.id)
-        return ok(run_detail(run, rows)), 200, {"Idempotent-Replayed": "true"}
+        return replay_view(services, context.company_id(), run.id), 200, REPLAY_HEADERS
+
+
+REPLAY_HEADERS = {"Idempotent-Replayed": "true"}
+
+
+def replay_view(services: Services, company_id: str, run_id: str) -> dict[str, Any]:
+    """The answer to an idempotent repeat: the run the first request started, as it is now."""
+    with services.db.session() as session:
+        run = engine.get_run(session, company_id, run_id)
+        rows = engine.step_runs(session, run.id)
+    return ok(run_detail(run, rows))
 
 
 @blp.route("/<string:workflow_id>/runs/batch")

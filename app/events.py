@@ -162,7 +162,14 @@ def note_step(session: Session, owner: Any, data: dict[str, Any]) -> None:
 
 def note_created(session: Session, run: Run, steps: Iterable[dict[str, Any]]) -> None:
     """A new run (pending) and its steps that are already decided (reused) or queued."""
-    note_run(session, run)
+    for event in created(run, steps):
+        _note(session, event)
+
+
+def created(run: Any, steps: Iterable[dict[str, Any]]) -> list[Event]:
+    """The events of a new run (pending) and of its steps already decided (reused) or queued: what
+    ``note_created`` notes, for a trigger that commits without an ORM session and publishes itself."""
+    found = [Event(RUN, run.id, run.company_id, run.workflow_id, run_data(run))]
     for row in steps:
         if row["status"] != StepStatus.PENDING:
             data = step_data(
@@ -175,7 +182,8 @@ def note_created(session: Session, run: Run, steps: Iterable[dict[str, Any]]) ->
                 row.get("duration_ms"),
                 row.get("error"),
             )
-            note_step(session, run, data)
+            found.append(Event(STEP, run.id, run.company_id, run.workflow_id, data))
+    return found
 
 
 def _pair(owner: Any) -> tuple[str, str]:
@@ -277,15 +285,31 @@ class Publisher:
         ]
 
     def _send(self, encoded: list[Any]) -> None:
-        keys: list[str] = []
-        args: list[Any] = [RUN_STREAM_MAXLEN, COMPANY_STREAM_MAXLEN, RUN_STREAM_TTL_S]
-        for run_key, company_key, kind, data, workflow_id in encoded:
-            keys += (run_key, company_key)
-            args += (kind, data, workflow_id)
+        keys, args = _script_call(encoded)
         try:
             self.append(keys, args)
         except Exception as exc:  # noqa: BLE001 (any failure: the transition already committed)
             logger.warning("could not publish %d run event(s): %s", len(encoded), exc)
+
+    @property
+    def shipping(self) -> bool:
+        """Whether commits hand their events to the shipping thread (``start_shipping``)."""
+        return self._outbox is not None
+
+    def stage(self, pipe: Any, events: list[Event]) -> None:
+        """Add the append to ``pipe`` (a pipeline on this publisher's Redis), to go in the same round
+        trip as other commands; pass its result to ``staged_result``. By hash only: a pipeline that
+        holds a script object asks Redis whether the script exists on every execute."""
+        keys, args = _script_call(self._encode(events))
+        pipe.evalsha(self.append.sha, len(keys), *keys, *args)
+
+    def staged_result(self, events: list[Event], result: Any) -> None:
+        """Finish a staged append: Redis lost the script (a restart), so send it again, which loads
+        it; any other error is logged like ``publish``'s."""
+        if isinstance(result, redis.exceptions.NoScriptError):
+            self._send(self._encode(events))
+        elif isinstance(result, Exception):
+            logger.warning("could not publish %d run event(s): %s", len(events), result)
 
     # ----------------------------------------------------------------- shipping thread
 
@@ -345,6 +369,16 @@ class Publisher:
                 self._send(batch)
             for done in flushed:
                 done.set()
+
+
+def _script_call(encoded: list[Any]) -> tuple[list[str], list[Any]]:
+    """The append script's keys and arguments for ``Publisher._encode``'s tuples."""
+    keys: list[str] = []
+    args: list[Any] = [RUN_STREAM_MAXLEN, COMPANY_STREAM_MAXLEN, RUN_STREAM_TTL_S]
+    for run_key, company_key, kind, data, workflow_id in encoded:
+        keys += (run_key, company_key)
+        args += (kind, data, workflow_id)
+    return keys, args
 
 
 def _run_moves_last(e: Event) -> bool:

@@ -68,19 +68,23 @@ def _handle_baton_error(error: BatonError) -> Any:
 def _handle_unexpected(error: Exception) -> Any:
     if isinstance(error, HTTPException):
         raise error
+    return _handle_baton_error(error_for(error))
+
+
+def error_for(error: Exception) -> BatonError:
+    """The Baton error an unexpected exception is answered with (logged here when it is a fault)."""
+    if isinstance(error, BatonError):
+        return error
     if isinstance(error, DataError):
         # Values PostgreSQL cannot store (a NUL character, an out-of-range number) are bad input.
-        return _handle_baton_error(
-            ValidationError("Request contains a value that cannot be stored (for example a NUL character)")
-        )
+        return ValidationError("Request contains a value that cannot be stored (for example a NUL character)")
     if is_transient(error):
         logger.warning("service unavailable: %s", error)
-        unavailable = ServiceUnavailable(
+        return ServiceUnavailable(
             "The database or Redis is unavailable; try again shortly", headers={"Retry-After": "2"}
         )
-        return _handle_baton_error(unavailable)
     logger.exception("unhandled error")
-    return _handle_baton_error(InternalError())
+    return InternalError()
 
 
 def create_app(config: Config | None = None, services: Services | None = None) -> Flask:
@@ -125,4 +129,7 @@ def create_app(config: Config | None = None, services: Services | None = None) -
     ratelimit.init_app(app, config)
     app.register_error_handler(BatonError, _handle_baton_error)
     app.register_error_handler(Exception, _handle_unexpected)
+    from api import trigger_route
+
+    trigger_route.install(app)  # last: it answers its route before the rest of the app
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -103,6 +104,17 @@ def create_key(
 # (the issue asks for 1 s; half of it leaves room for the request that is already on its way).
 CACHE_TTL_S = 0.5
 _verified: dict[str, tuple[Principal, float]] = {}
+_checking: dict[str, threading.Lock] = {}
+_checking_lock = threading.Lock()
+
+
+def verified(key: str) -> Principal | None:
+    """The principal of a key this process verified less than CACHE_TTL_S ago; None when it has to
+    be checked (``authenticate``)."""
+    cached = _verified.get(_digest(key))
+    if cached is not None and cached[1] > time.monotonic():
+        return cached[0]
+    return None
 
 
 def authenticate(session: Session, key: str | None) -> Principal | None:
@@ -113,11 +125,21 @@ def authenticate(session: Session, key: str | None) -> Principal | None:
     cached = _verified.get(digest)
     if cached is not None and cached[1] > time.monotonic():
         return cached[0]
-    principal = _authenticate(session, key)
-    if principal is not None:
-        if len(_verified) > 10_000:
-            _verified.clear()
-        _verified[digest] = (principal, time.monotonic() + CACHE_TTL_S)
+    # One thread checks an expired key while the others wait for its answer: the requests that
+    # arrive together when an entry expires would otherwise all query it (profiled under load).
+    with _checking_lock:
+        if len(_checking) > 10_000:
+            _checking.clear()
+        lock = _checking.setdefault(digest, threading.Lock())
+    with lock:
+        cached = _verified.get(digest)
+        if cached is not None and cached[1] > time.monotonic():
+            return cached[0]
+        principal = _authenticate(session, key)
+        if principal is not None:
+            if len(_verified) > 10_000:
+                _verified.clear()
+            _verified[digest] = (principal, time.monotonic() + CACHE_TTL_S)
     return principal
 
 

@@ -130,13 +130,15 @@ class StepQueue:
         message = self._message(run_id, step_id, attempt, company_id)
         self.broker.enqueue(message, delay=delay_ms if delay_ms and delay_ms > 0 else None)
 
-    def _message(self, run_id: str, step_id: str, attempt: int, company_id: str | None) -> Message:
+    def _message(
+        self, run_id: str, step_id: str, attempt: int, company_id: str | None, options: dict | None = None
+    ) -> Message:
         return Message(
             queue_name=self.queue_name,
             actor_name=EXECUTE_STEP,
             args=(run_id, step_id, attempt, company_id),
             kwargs={},
-            options={},
+            options=options or {},
         )
 
     def enqueue_many(self, steps: Sequence[tuple[str, str, int, str]]) -> list[bool]:
@@ -147,7 +149,14 @@ class StepQueue:
         """
         messages = [self._message(*step) for step in steps]
         if isinstance(self.broker, RedisBroker):
-            return self._pipeline(self.broker, messages)
+            pipe = self.broker.client.pipeline(transaction=False)
+            staged = self.stage(pipe, steps)
+            try:
+                results = pipe.execute(raise_on_error=False)
+            except Exception:  # the broker is unreachable: none was sent
+                logger.warning("could not enqueue %d message(s)", len(messages), exc_info=True)
+                return [False] * len(messages)
+            return self.staged_results(staged, results)
         sent = []
         for message in messages:
             try:
@@ -158,40 +167,72 @@ class StepQueue:
                 sent.append(False)
         return sent
 
-    @staticmethod
-    def _pipeline(broker: RedisBroker, messages: list[Message]) -> list[bool]:
-        """Dramatiq's own enqueue (its dispatch script, same arguments) for many messages, pipelined."""
+    def shared_pipeline(self, client: redis.Redis) -> Any:
+        """A pipeline on the broker's Redis when that is the server and database ``client`` talks
+        to (commands for both then share one round trip); None on RabbitMQ or another Redis."""
+        if not isinstance(self.broker, RedisBroker) or not _same_server(self.broker.client, client):
+            return None
+        return self.broker.client.pipeline(transaction=False)
+
+    def stage(self, pipe: Any, steps: Sequence[tuple[str, str, int, str]]) -> list[tuple[Message, list[Any]]]:
+        """Dramatiq's own enqueue (its dispatch script, same arguments) of due-now messages, added to
+        ``pipe`` (``shared_pipeline`` or a pipeline on the broker's client); after ``pipe.execute``,
+        pass this list and the results of these commands to ``staged_results``.
+
+        By hash: a pipeline holding a script object would ask Redis whether the script exists on
+        every execute (one more round trip); a lost script (a Redis restart) is sent again there.
+        """
+        broker = self.broker
+        assert isinstance(broker, RedisBroker)
         script = broker.scripts["dispatch"]
-        keys = [broker.namespace]
-        try:
-            unpack = broker._max_unpack_size()  # the script takes it on every command
-            pipe = broker.client.pipeline(transaction=False)
-            ready = []
-            for message in messages:
-                message = message.copy(options={"redis_message_id": str(uuid.uuid4())})
-                broker.emit_before("enqueue", message, None)
-                args = [
-                    "enqueue",
-                    current_millis(),
-                    message.queue_name,
-                    broker.broker_id,
-                    broker.heartbeat_timeout,
-                    broker.dead_message_ttl,
-                    0,  # no queue maintenance inside a request
-                    unpack,
-                    message.options["redis_message_id"],
-                    message.encode(),
-                ]
-                script(keys=keys, args=args, client=pipe)
-                ready.append(message)
-            results = pipe.execute(raise_on_error=False)
-        except Exception:  # the broker is unreachable: none was sent
-            logger.warning("could not enqueue %d message(s)", len(messages), exc_info=True)
-            return [False] * len(messages)
-        sent = [not isinstance(result, Exception) for result in results]
-        for message, ok in zip(ready, sent, strict=True):
-            if ok:
-                broker.emit_after("enqueue", message, None)
+        unpack = broker._max_unpack_size()  # the script takes it on every command
+        staged = []
+        for step in steps:
+            message = self._message(*step, options={"redis_message_id": str(uuid.uuid4())})
+            broker.emit_before("enqueue", message, None)
+            args = [
+                "enqueue",
+                current_millis(),
+                message.queue_name,
+                broker.broker_id,
+                broker.heartbeat_timeout,
+                broker.dead_message_ttl,
+                0,  # no queue maintenance inside a request
+                unpack,
+                message.options["redis_message_id"],
+                message.encode(),
+            ]
+            pipe.evalsha(script.sha, 1, broker.namespace, *args)
+            staged.append((message, args))
+        return staged
+
+    def staged_results(self, staged: list[tuple[Message, list[Any]]], results: Sequence[Any]) -> list[bool]:
+        """Whether each staged message was sent (a lost script is loaded and the message sent again);
+        failures are logged, and the rows stay the source of truth."""
+        broker = self.broker
+        assert isinstance(broker, RedisBroker)
+        results = list(results)
+        lost = [i for i, result in enumerate(results) if isinstance(result, redis.exceptions.NoScriptError)]
+        if lost:
+            script = broker.scripts["dispatch"]
+            try:
+                broker.client.script_load(script.script)
+                pipe = broker.client.pipeline(transaction=False)
+                for i in lost:
+                    pipe.evalsha(script.sha, 1, broker.namespace, *staged[i][1])
+                for i, result in zip(lost, pipe.execute(raise_on_error=False), strict=True):
+                    results[i] = result
+            except Exception as exc:  # noqa: BLE001 (reported below, like a pipeline error)
+                for i in lost:
+                    results[i] = exc
+        sent = []
+        for (message, _), result in zip(staged, results, strict=True):
+            if isinstance(result, Exception):
+                logger.warning("could not enqueue %s: %s", message.args[:2], result)
+                sent.append(False)
+                continue
+            broker.emit_after("enqueue", message, None)
+            sent.append(True)
         return sent
 
     @property
@@ -248,6 +289,13 @@ class StepQueue:
             return
         for name in (self.queue_name, f"{self.queue_name}.DQ", f"{self.queue_name}.XQ", self._epoch_name()):
             self.broker.channel.queue_delete(name)
+
+
+def _same_server(a: redis.Redis, b: redis.Redis) -> bool:
+    """Whether two clients reach the same Redis server and database."""
+    names = ("host", "port", "path", "db", "username", "password")
+    first, second = a.connection_pool.connection_kwargs, b.connection_pool.connection_kwargs
+    return all(first.get(name) == second.get(name) for name in names)
 
 
 def make_redis(config: Config) -> redis.Redis:

@@ -14,7 +14,7 @@ from typing import Any
 from flask import Flask, current_app, request
 from flask_limiter import Limiter, RateLimitExceeded
 from flask_limiter.util import get_remote_address
-from limits import RateLimitItem, parse
+from limits import RateLimitItem, parse, parse_many
 
 from app.config import Config
 from app.errors import RateLimited
@@ -26,6 +26,8 @@ KEY_PREFIX = "bk_"
 UNLIMITED_BLUEPRINTS = ("health", "api-docs", "metrics")
 WEBHOOK_BLUEPRINT = "webhooks"
 EXTENSION = "baton_limiter"
+# Flask-Limiter's scope of application-wide limits: part of their counters' keys.
+APPLICATION_SCOPE = "global"
 
 
 def storage_uri(config: Config) -> str:
@@ -38,9 +40,14 @@ def client_key() -> str:
     """The API key's prefix (its public part), or the client address for requests without a key."""
     key = request.headers.get(KEY_HEADER)
     if key:
-        prefix = key[len(KEY_PREFIX) :].split("_", 1)[0] if key.startswith(KEY_PREFIX) else key[:32]
-        return f"key:{prefix}"
+        return key_client(key)
     return f"addr:{get_remote_address()}"
+
+
+def key_client(key: str) -> str:
+    """``client_key`` of a request that carries this API key."""
+    prefix = key[len(KEY_PREFIX) :].split("_", 1)[0] if key.startswith(KEY_PREFIX) else key[:32]
+    return f"key:{prefix}"
 
 
 class FailOpenLimiter(Limiter):
@@ -48,21 +55,43 @@ class FailOpenLimiter(Limiter):
 
     _warned_at = 0.0
     webhook_limit: RateLimitItem | None = None
+    # The per-request limits (BATON_RATE_LIMIT), as ``hit_request_limits`` counts them.
+    request_limits: list[RateLimitItem] = []
 
     def check(self, item: RateLimitItem | None, *key: str) -> None:
         """Hit one limit by hand (outside the per-request ones); fails open like them."""
         if item is None:
             return
         try:
-            allowed = self.limiter.hit(item, self._key_prefix, *key)
-            if not allowed:
-                reset_at = self.limiter.get_window_stats(item, self._key_prefix, *key).reset_time
+            wait = None if self.limiter.hit(item, self._key_prefix, *key) else self._wait_s(item, *key)
         except Exception as exc:
             self._warn(exc)
             return
-        if not allowed:
-            wait = max(1, min(int(item.get_expiry()), math.ceil(reset_at - time.time())))
+        if wait is not None:
             raise RateLimited(headers={"Retry-After": str(wait)})
+
+    def hit_request_limits(self, client: str) -> None:
+        """Count one request of ``client`` (a ``client_key`` value) as the per-request check does,
+        for a route served before Flask's request cycle: the same counters (so every route shares
+        the key's budget), every limit hit, RateLimited past any of them; fails open like it."""
+        if not self.enabled:
+            return
+        key = (client, APPLICATION_SCOPE)
+        try:
+            breached = [
+                item for item in self.request_limits if not self.limiter.hit(item, self._key_prefix, *key)
+            ]
+            waits = [self._wait_s(item, *key) for item in breached]
+        except Exception as exc:
+            self._warn(exc)
+            return
+        if waits:
+            raise RateLimited(headers={"Retry-After": str(max(waits))})
+
+    def _wait_s(self, item: RateLimitItem, *key: str) -> int:
+        """Seconds until the window of a breached limit frees a request (at least 1)."""
+        reset_at = self.limiter.get_window_stats(item, self._key_prefix, *key).reset_time
+        return max(1, min(int(item.get_expiry()), math.ceil(reset_at - time.time())))
 
     def _warn(self, exc: Exception) -> None:
         if time.monotonic() - self._warned_at > 60:
@@ -104,6 +133,7 @@ def init_app(app: Flask, config: Config) -> Limiter:
     # Webhook deliveries have no key: their own limit per workflow (check_webhook), not the key's.
     limiter.exempt(app.blueprints[WEBHOOK_BLUEPRINT])
     limiter.webhook_limit = parse(config.webhook_rate_limit)
+    limiter.request_limits = parse_many(config.rate_limit)
     app.extensions[EXTENSION] = limiter
     return limiter
 

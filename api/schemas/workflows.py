@@ -44,12 +44,16 @@ class ListWorkflowsQuerySchema(Schema):
     cursor = fields.String(validate=validate.Length(1, MAX_CURSOR_CHARS))
 
 
+# The trigger types a caller may name (webhooks and schedules set theirs).
+CALLER_TRIGGER_TYPES = ("api", "manual")
+
+
 class TriggerSchema(Schema):
     class Meta:
         unknown = RAISE
 
     input = fields.Dict(load_default=dict)
-    triggerType = fields.String(load_default="api", validate=validate.OneOf(["api", "manual"]))
+    triggerType = fields.String(load_default="api", validate=validate.OneOf(CALLER_TRIGGER_TYPES))
 
 
 class BatchItemSchema(Schema):

@@ -7,7 +7,8 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
+from sqlalchemy.exc import DataError
 
 from app import engine, workflows
 from app.engine import sweeps
@@ -18,6 +19,7 @@ from app.services import Services
 from app.timeutil import utcnow
 from models import Run, Workflow
 from models.states import RunStatus, StepStatus
+from tests import factories
 from tests.integration.conftest import Engine, blocked_on_locks, step, unique, wait_for
 
 R, S = RunStatus, StepStatus
@@ -200,3 +202,139 @@ def test_an_approval_whose_next_message_cannot_be_sent_is_still_answered(
     assert e.run(run_id).status == R.RUNNING
     assert e.step(run_id, "b").status == S.QUEUED
     assert e.sent(run_id) == []
+
+
+# ------------------------------------------------------------------ a version this process knows
+
+
+def test_a_known_version_triggers_with_one_connection_and_no_orm_statement(e: Engine) -> None:
+    """After the first trigger of a version, the next is the one planned statement (it runs on the
+    driver's connection, so SQLAlchemy sees a checkout and no statement of its own)."""
+    wid = e.workflow(step("a"), step("b"), timeoutMs=60_000)
+    trigger(e, wid)
+    statements: list[str] = []
+    checkouts: list[int] = []
+    sa_engine = e.services.db.engine
+
+    def on_statement(*args: Any) -> None:
+        statements.append(args[2])
+
+    def on_checkout(*_: Any) -> None:
+        checkouts.append(1)
+
+    event.listen(sa_engine, "before_cursor_execute", on_statement)
+    event.listen(sa_engine.pool, "checkout", on_checkout)
+    try:
+        run, created = trigger(e, wid, {"n": 2})
+    finally:
+        event.remove(sa_engine, "before_cursor_execute", on_statement)
+        event.remove(sa_engine.pool, "checkout", on_checkout)
+    assert created and statements == [] and len(checkouts) == 1
+    stored = e.run(run.id)
+    assert (stored.status, stored.input, stored.workflow_version) == (R.PENDING, {"n": 2}, 1)
+    assert stored.deadline_at == stored.created_at + timedelta(milliseconds=60_000)
+    a, b = e.step(run.id, "a"), e.step(run.id, "b")
+    assert (a.position, a.status, a.attempt, a.queued_at, a.reused) == (
+        0,
+        S.QUEUED,
+        1,
+        stored.created_at,
+        False,
+    )
+    assert (b.position, b.status, b.attempt, b.queued_at, b.reused) == (1, S.PENDING, 0, None, False)
+    assert [(m.step_id, m.attempt, m.company_id) for m in e.sent(run.id)] == [("a", 1, e.company_id)]
+    assert [(ev["kind"], ev["status"]) for ev in e.events(run.id)] == [("run", "pending"), ("step", "queued")]
+
+
+def test_a_known_workflow_deleted_and_made_again_is_read_again(e: Engine) -> None:
+    wid = e.workflow(step("a"))
+    trigger(e, wid)
+    with e.services.db.session() as session:
+        workflows.delete(session, e.company_id, wid)
+    with pytest.raises(NotFound):
+        trigger(e, wid)
+    with e.services.db.session() as session:
+        again = factories.workflow(session, e.company_id, [step("x")], workflow_id=wid)
+        session.commit()
+        key = again.key
+    run, created = trigger(e, wid)
+    stored = e.run(run.id)
+    assert created and (stored.workflow_key, stored.workflow_version) == (key, 1)
+    assert [r.step_id for r in _steps(e, run.id)] == ["x"]
+
+
+def test_a_repeat_of_a_known_version_with_the_same_key_returns_the_same_run(e: Engine) -> None:
+    wid = e.workflow(step("a"))
+    trigger(e, wid)
+    key = unique()
+    first, created = trigger(e, wid, {"n": 1}, idempotency_key=key)
+    again, created_again = trigger(e, wid, {"n": 1}, idempotency_key=key)
+    assert created and not created_again and again.id == first.id
+    assert (e.run(first.id).idempotency_key, e.run(first.id).idempotency_hash) == (
+        key,
+        request_hash({"input": {"n": 1}, "triggerType": "api"}),
+    )
+    with pytest.raises(Conflict):
+        trigger(e, wid, {"n": 2}, idempotency_key=key)
+    assert len(e.sent(first.id)) == 1
+
+
+def test_a_concurrent_request_of_a_known_version_with_the_same_key_gets_the_run_that_won(e: Engine) -> None:
+    """The planned insert waits on the winner's uncommitted key, inserts nothing, and the general
+    path then finds the winner's run."""
+    wid = e.workflow(step("a"))
+    trigger(e, wid)
+    key = unique()
+    fingerprint = request_hash({"input": {"n": 1}, "triggerType": "api"})
+    with e.services.db.session() as winner:
+        workflow = winner.execute(select(Workflow).where(Workflow.id == wid)).scalar_one()
+        definition = engine.definition_for(winner, workflow.key, workflow.current_version)
+        won = insert_run(winner, e.company_id, workflow.key, wid, 1, definition, {"n": 1}, "api")
+        won.idempotency_key, won.idempotency_hash = key, fingerprint
+        winner.flush()
+        base = blocked_on_locks(e.services)
+        result: dict[str, Any] = {}
+        loser = threading.Thread(
+            target=lambda: result.setdefault("run", trigger(e, wid, {"n": 1}, idempotency_key=key))
+        )
+        loser.start()
+        wait_for(lambda: blocked_on_locks(e.services) == base + 1, what="the loser to wait on the index")
+        winner.commit()
+        won_id = won.id
+    loser.join(30)
+    run, created = result["run"]
+    assert (run.id, created) == (won_id, False)
+
+
+def test_a_known_version_with_the_broker_down_is_committed_and_left_to_the_sweep(
+    e: Engine, broker_down: Services
+) -> None:
+    wid = e.workflow(step("a"))
+    trigger(e, wid)
+    before = utcnow()
+    run, created = engine.trigger_run(broker_down, e.company_id, wid, {}, "api")
+    assert created and e.sent(run.id) == []
+    row = e.step(run.id, "a")
+    assert row.status == S.QUEUED and row.queued_at <= before - STUCK_AFTER + timedelta(seconds=1)
+    assert [ev["kind"] for ev in e.events(run.id)] == ["run", "step"], "the events' Redis is up"
+
+
+def test_scripts_lost_by_redis_are_loaded_again(e: Engine) -> None:
+    """A Redis restart empties its script cache: the pipelined calls by hash are sent again."""
+    wid = e.workflow(step("a"))
+    trigger(e, wid)
+    e.services.redis.script_flush()
+    run, created = trigger(e, wid)
+    assert created and [(m.step_id, m.attempt) for m in e.sent(run.id)] == [("a", 1)]
+    assert [(ev["kind"], ev["status"]) for ev in e.events(run.id)] == [("run", "pending"), ("step", "queued")]
+
+
+def test_a_value_postgresql_refuses_is_raised_as_sqlalchemy_raises_it(e: Engine) -> None:
+    """The planned statement runs on the driver's connection; its errors still reach the API as
+    SQLAlchemy's (a DataError is a 400 there), and the connection stays usable."""
+    wid = e.workflow(step("a"))
+    trigger(e, wid)
+    with pytest.raises(DataError):
+        trigger(e, wid, {"text": "a\u0000b"})
+    run, created = trigger(e, wid)
+    assert created and e.run(run.id).status == R.PENDING
