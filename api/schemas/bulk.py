@@ -2,34 +2,24 @@
 
 from __future__ import annotations
 
-from datetime import timezone
 from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 from api.schemas.common import envelope
+from api.schemas.runs import RunFilterFields
 from app.bulk import MAX_RUN_IDS
-from app.ids import RUN_ID, WORKFLOW_ID
-from models import RUN_STATUSES, TRIGGER_TYPES, BulkKind, BulkStatus
+from app.ids import RUN_ID
+from models import RUN_STATUSES, BulkKind, BulkStatus
 
 
-class BulkFilterSchema(Schema):
+class BulkFilterSchema(RunFilterFields):
     class Meta:
         unknown = RAISE
 
-    workflowId = fields.String(validate=validate.Regexp(WORKFLOW_ID, error="Not a workflow id"))
     status = fields.String(
         validate=validate.OneOf(RUN_STATUSES),
         metadata={"description": "cancel: pending, running or suspended; retry: failed or timeout"},
-    )
-    triggerType = fields.String(validate=validate.OneOf(TRIGGER_TYPES))
-    createdAfter = fields.AwareDateTime(
-        default_timezone=timezone.utc,
-        metadata={"description": "ISO 8601 (UTC unless an offset is given); runs created at or after it"},
-    )
-    createdBefore = fields.AwareDateTime(
-        default_timezone=timezone.utc,
-        metadata={"description": "ISO 8601 (UTC unless an offset is given); runs created before it"},
     )
 
 

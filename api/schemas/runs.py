@@ -84,7 +84,9 @@ class CancelResultSchema(Schema):
     message = fields.String()
 
 
-class ListRunsQuerySchema(Schema):
+class RunFilterFields(Schema):
+    """The runs filter shared by ``GET /runs`` and the bulk actions."""
+
     workflowId = fields.String(validate=validate.Regexp(WORKFLOW_ID, error="Not a workflow id"))
     status = fields.String(validate=validate.OneOf(RUN_STATUSES))
     triggerType = fields.String(validate=validate.OneOf(TRIGGER_TYPES))
@@ -96,6 +98,9 @@ class ListRunsQuerySchema(Schema):
         default_timezone=timezone.utc,
         metadata={"description": "ISO 8601 (UTC unless an offset is given); runs created before it"},
     )
+
+
+class ListRunsQuerySchema(RunFilterFields):
     limit = fields.Integer(load_default=50, validate=validate.Range(1, 100), strict=False)
     cursor = fields.String(validate=validate.Length(1, MAX_CURSOR_CHARS))
 
