@@ -152,26 +152,7 @@ def test_an_expired_key_makes_a_new_run_and_releases_the_old_one(e: Engine) -> N
 def test_a_concurrent_request_with_the_same_key_gets_the_run_that_won(e: Engine) -> None:
     """The loser of the unique index finds the winner's run after its commit fails."""
     wid = e.workflow(step("a"))
-    key = unique()
-    fingerprint = request_hash({"input": {"n": 1}, "triggerType": "api"})
-    with e.services.db.session() as winner:
-        workflow = winner.execute(select(Workflow).where(Workflow.id == wid)).scalar_one()
-        definition = engine.definition_for(winner, workflow.key, workflow.current_version)
-        won = insert_run(winner, e.company_id, workflow.key, wid, 1, definition, {"n": 1}, "api")
-        won.idempotency_key, won.idempotency_hash = key, fingerprint
-        winner.flush()  # the key is in the index, not yet committed
-        base = blocked_on_locks(e.services)
-        result: dict[str, Any] = {}
-        loser = threading.Thread(
-            target=lambda: result.setdefault("run", trigger(e, wid, {"n": 1}, idempotency_key=key))
-        )
-        loser.start()
-        wait_for(lambda: blocked_on_locks(e.services) == base + 1, what="the loser to wait on the index")
-        winner.commit()
-        won_id = won.id
-    loser.join(30)
-    run, created = result["run"]
-    assert (run.id, created) == (won_id, False)
+    won_id = race_for_a_key(e, wid)
     with e.services.db.session() as session:
         ids = session.execute(select(Run.id).where(Run.workflow_id == wid)).scalars().all()
     assert ids == [won_id], "the loser's run was rolled back"
@@ -284,26 +265,7 @@ def test_a_concurrent_request_of_a_known_version_with_the_same_key_gets_the_run_
     path then finds the winner's run."""
     wid = e.workflow(step("a"))
     trigger(e, wid)
-    key = unique()
-    fingerprint = request_hash({"input": {"n": 1}, "triggerType": "api"})
-    with e.services.db.session() as winner:
-        workflow = winner.execute(select(Workflow).where(Workflow.id == wid)).scalar_one()
-        definition = engine.definition_for(winner, workflow.key, workflow.current_version)
-        won = insert_run(winner, e.company_id, workflow.key, wid, 1, definition, {"n": 1}, "api")
-        won.idempotency_key, won.idempotency_hash = key, fingerprint
-        winner.flush()
-        base = blocked_on_locks(e.services)
-        result: dict[str, Any] = {}
-        loser = threading.Thread(
-            target=lambda: result.setdefault("run", trigger(e, wid, {"n": 1}, idempotency_key=key))
-        )
-        loser.start()
-        wait_for(lambda: blocked_on_locks(e.services) == base + 1, what="the loser to wait on the index")
-        winner.commit()
-        won_id = won.id
-    loser.join(30)
-    run, created = result["run"]
-    assert (run.id, created) == (won_id, False)
+    race_for_a_key(e, wid)
 
 
 def test_a_known_version_with_the_broker_down_is_committed_and_left_to_the_sweep(
@@ -338,3 +300,29 @@ def test_a_value_postgresql_refuses_is_raised_as_sqlalchemy_raises_it(e: Engine)
         trigger(e, wid, {"text": "a\u0000b"})
     run, created = trigger(e, wid)
     assert created and e.run(run.id).status == R.PENDING
+
+
+def race_for_a_key(e: Engine, wid: str) -> str:
+    """A trigger with a key another transaction holds uncommitted (in the unique index) waits on
+    it, and once that one commits gets the winner's run, not a new one: the winner's run id."""
+    key = unique()
+    fingerprint = request_hash({"input": {"n": 1}, "triggerType": "api"})
+    with e.services.db.session() as winner:
+        workflow = winner.execute(select(Workflow).where(Workflow.id == wid)).scalar_one()
+        definition = engine.definition_for(winner, workflow.key, workflow.current_version)
+        won = insert_run(winner, e.company_id, workflow.key, wid, 1, definition, {"n": 1}, "api")
+        won.idempotency_key, won.idempotency_hash = key, fingerprint
+        winner.flush()  # the key is in the index, not yet committed
+        base = blocked_on_locks(e.services)
+        result: dict[str, Any] = {}
+        loser = threading.Thread(
+            target=lambda: result.setdefault("run", trigger(e, wid, {"n": 1}, idempotency_key=key))
+        )
+        loser.start()
+        wait_for(lambda: blocked_on_locks(e.services) == base + 1, what="the loser to wait on the index")
+        winner.commit()
+        won_id = won.id
+    loser.join(30)
+    run, created = result["run"]
+    assert (run.id, created) == (won_id, False)
+    return won_id
