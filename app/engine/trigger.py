@@ -180,21 +180,9 @@ def _insert_planned(
 ) -> NewRun | None:
     """The run of ``plan``'s version in one autocommitted statement; None when nothing was inserted
     (the plan is stale, or the key is taken: the general path decides)."""
-    now = utcnow()
-    timeout = plan.timeout_ms
-    run = NewRun(
-        id=new_id("run"),
-        company_id=company_id,
-        workflow_key=plan.key,
-        workflow_id=plan.id,
-        workflow_version=plan.current_version,
-        trigger_type=trigger_type,
-        input=run_input,
-        created_at=now,
-        deadline_at=now + timedelta(milliseconds=timeout) if timeout else None,
-        idempotency_key=idempotency_key or None,
-        idempotency_hash=fingerprint if idempotency_key else None,
-    )
+    run = new_run(company_id, plan, {"timeoutMs": plan.timeout_ms}, run_input, trigger_type, utcnow())
+    if idempotency_key:
+        run.idempotency_key, run.idempotency_hash = idempotency_key, fingerprint
     # Positional (psycopg adapts a tuple in half a dict's time), and the step ids as one string:
     # together a seventh of the adaptation time of named parameters with a text[] (measured).
     params = (
@@ -202,7 +190,7 @@ def _insert_planned(
         company_id,
         trigger_type,
         json.dumps(run_input),
-        now,
+        run.created_at,
         run.deadline_at,
         run.idempotency_key,
         run.idempotency_hash,
