@@ -104,3 +104,19 @@ def _sqlite_serialised_writes(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def _begin(conn):  # type: ignore[no-untyped-def]
         conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+@contextmanager
+def autocommit(conn: Any) -> Iterator[Any]:
+    """A pooled driver connection (psycopg) in autocommit for the block: a lone statement is its
+    own transaction, one round trip with no BEGIN or COMMIT. The pool expects it back in
+    transaction mode; a connection that broke meanwhile is left to the caller to invalidate."""
+    conn.autocommit = True
+    try:
+        yield conn
+    finally:
+        if not conn.closed:
+            try:
+                conn.autocommit = False
+            except Exception:  # noqa: BLE001 (broken: the caller's error handling replaces it)
+                pass

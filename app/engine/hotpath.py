@@ -25,7 +25,7 @@ import psycopg
 from sqlalchemy.dialects.postgresql import psycopg as pg_dialect
 
 from app import events, metrics
-from app.db import Database, count_statements
+from app.db import Database, autocommit, count_statements
 from app.engine import statements as sql
 from app.engine.reads import cached_definition, remember_definition
 from app.engine.transitions import claimed_data
@@ -149,14 +149,8 @@ class Tx:
             row = conn.execute(statement.text, query).fetchone()
             conn.commit()
             return row
-        conn.autocommit = True
-        try:
+        with autocommit(conn):  # a broken connection: the pool replaces it (``close``)
             return conn.execute(statement.text, query).fetchone()
-        finally:
-            try:
-                conn.autocommit = False
-            except psycopg.Error:  # a broken connection: the pool replaces it (``close``)
-                pass
 
     def commit(self) -> None:
         _observe("commit")

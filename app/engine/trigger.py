@@ -17,7 +17,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from app import events, metrics
-from app.db import count_statements
+from app.db import autocommit, count_statements
 from app.engine import statements as sql
 from app.engine.reads import WorkflowRef, definition_for, workflow_ref
 from app.engine.states import STUCK_AFTER
@@ -206,13 +206,9 @@ def _insert_planned(
         raise DBAPIError.instance(None, None, exc, psycopg.Error) from exc
     try:
         conn = pooled.driver_connection
-        conn.autocommit = True
-        try:
+        with autocommit(conn):
             count_statements()  # sent on the driver's connection, past the engine's counter
             inserted = conn.execute(_INSERT_RUN_IF_CURRENT, params).rowcount
-        finally:
-            if not conn.closed:
-                conn.autocommit = False
     except psycopg.Error as exc:
         # As SQLAlchemy would raise it (an outage is then a 503, a value PostgreSQL refuses a 400).
         if conn.closed or conn.broken:
