@@ -8,6 +8,7 @@ from typing import Any
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates, validates_schema
 
 from app import actions, schedules, templating, webhooks
+from app.engine.graph import find_cycle
 from app.errors import ValidationError as BatonValidationError
 
 STEP_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\Z")
@@ -49,6 +50,8 @@ class StepSchema(Schema):
     timeoutMs = fields.Integer(
         load_default=DEFAULT_STEP_TIMEOUT_MS, validate=validate.Range(1, 24 * 3600 * 1000), strict=True
     )
+    # Absent: the step before it (the first step: none); [] runs it as soon as the run starts.
+    needs = fields.List(fields.String(), validate=validate.Length(max=200))
 
     @validates("id")
     def _id(self, value: str, **_: Any) -> None:
@@ -114,10 +117,15 @@ class DefinitionSchema(Schema):
     def _steps(self, data: dict[str, Any], **_: Any) -> None:
         errors: dict[str, Any] = {}
         seen: set[str] = set()
-        for index, step in enumerate(data.get("steps", [])):
+        steps = data.get("steps", [])
+        known = {step["id"] for step in steps}
+        for index, step in enumerate(steps):
             if step["id"] in seen:
                 errors.setdefault(str(index), {})["id"] = [f"Duplicate step id {step['id']!r}"]
             seen.add(step["id"])
+            problem = needs_problem(step, known)
+            if problem:
+                errors.setdefault(str(index), {})["needs"] = [problem]
             problem = idempotency_key_problem(step)
             if problem:
                 errors.setdefault(str(index), {})["input.idempotencyKey"] = [problem]
@@ -126,12 +134,32 @@ class DefinitionSchema(Schema):
                     key = f"{field_name}.{path}" if path else field_name
                     errors.setdefault(str(index), {})[key] = [message]
         problems: dict[str, Any] = {}
+        if not errors and len(seen) == len(steps):
+            cycle = find_cycle(steps)
+            if cycle:
+                first = next(i for i, step in enumerate(steps) if step["id"] == cycle[0])
+                errors[str(first)] = {"needs": [f"Steps form a cycle: {' → '.join(cycle)}"]}
         if errors:
             problems["steps"] = errors
         for path, message in templating.check_syntax(data.get("output")):
             problems[f"output.{path}" if path else "output"] = [message]
         if problems:
             raise ValidationError(problems)
+
+
+def needs_problem(step: dict[str, Any], known: set[str]) -> str | None:
+    """A step's ``needs``: ids of other steps of the workflow, each once."""
+    needs = step.get("needs")
+    if needs is None:
+        return None
+    if step["id"] in needs:
+        return f"Step {step['id']!r} cannot need itself"
+    unknown = [n for n in needs if n not in known]
+    if unknown:
+        return f"Unknown step {unknown[0]!r} in needs"
+    if len(set(needs)) != len(needs):
+        return "A step is named twice in needs"
+    return None
 
 
 IDEMPOTENCY_KEY_MAX = 255

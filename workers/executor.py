@@ -79,7 +79,7 @@ def execute(
 
 def _render(claim: Claim, started: Any, secrets: dict[str, str] | None = None) -> Any:
     """The step's rendered input, or the Outcome that ends it here (``if`` false, template error)."""
-    step, context = claim.step, claim.template_context()
+    step, context = claim.step, claim.step_context()
     if secrets:
         context["secrets"] = secrets
     try:

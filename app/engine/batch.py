@@ -17,7 +17,14 @@ from app import events, metrics
 from app.engine import statements as sql
 from app.engine.reads import definition_for, workflow_ref
 from app.engine.states import STUCK_AFTER
-from app.engine.trigger import IDEMPOTENCY_TTL, first_step_row, insert_new_runs, new_run, request_hash
+from app.engine.trigger import (
+    IDEMPOTENCY_TTL,
+    first_step_row,
+    first_steps,
+    insert_new_runs,
+    new_run,
+    request_hash,
+)
 from app.ids import new_id
 from app.services import Services
 from app.timeutil import utcnow
@@ -110,15 +117,14 @@ def _insert(
             if item.key is not None:
                 run.idempotency_key, run.idempotency_hash = item.key, item.fingerprint
             runs.append(run)
+        starts = first_steps(definition)
         if runs:
-            step_ids = [step["id"] for step in definition["steps"]]
-            insert_new_runs(session, runs, step_ids, now)
-            first = first_step_row(step_ids[0])
+            insert_new_runs(session, runs, definition, now)
+            first = [first_step_row(step_id) for step_id in starts]
             for run in runs:
-                events.note_created(session, run, [first])
+                events.note_created(session, run, first)
         session.commit()
-    first_step = definition["steps"][0]["id"]
-    return decided, [(run.id, first_step, 1, company_id) for run in runs]
+    return decided, [(run.id, step_id, 1, company_id) for run in runs for step_id in starts]
 
 
 def _decide(

@@ -9,8 +9,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.engine import transitions as move
-from app.engine.execution import complete_run
-from app.engine.reads import definition_for, lock_company_run, results_of, step_runs
+from app.engine.execution import Send, complete_run, settle
+from app.engine.graph import graph
+from app.engine.reads import current_step_runs, definition_for, lock_company_run, results_of, step_runs
 from app.engine.states import RUN_CANCELLABLE
 from app.engine.trigger import send_or_leave_to_sweep
 from app.engine.types import Claim
@@ -57,15 +58,18 @@ def resume_run(services: Services, company_id: str, run_id: str, approved: bool,
         move.log_attempt(
             session, row, status, row.started_at, now, step_input=row.input, output=output, error=error
         )
-        if not approved:
+        definition = definition_for(session, run.workflow_key, run.workflow_version)
+        if not graph(definition).linear:
+            sends = _settle_resumed(session, run, definition, now)
+        elif not approved:
             move.skip_after(session, run.id, row.position, now)
             move.finish_run(session, run, R.FAILED, now, error=error)
-            session.commit()
-            return run
-        enqueue = _continue_after(session, run, row, now)
+            sends = []
+        else:
+            sends = _continue_after(session, run, definition, row, now)
         session.commit()
-    if enqueue:
-        send_or_leave_to_sweep(services, *enqueue, company_id=run.company_id)
+    for send in sends:
+        send_or_leave_to_sweep(services, *send, company_id=run.company_id)
     return run
 
 
@@ -86,15 +90,16 @@ def _waiting_approval(session: Session, run: Run) -> StepRun:
     return row
 
 
-def _continue_after(session: Session, run: Run, row: StepRun, now: datetime) -> tuple[str, str, int] | None:
-    """After an approval: queue the next step, or complete the run when the approval was last."""
-    definition = definition_for(session, run.workflow_key, run.workflow_version)
+def _continue_after(
+    session: Session, run: Run, definition: dict[str, Any], row: StepRun, now: datetime
+) -> list[Send]:
+    """After an approval (a chain): queue the next step, or complete the run when it was last."""
     position = row.position + 1
     if position < len(definition["steps"]):
         move.reopen_run(session, run)
         next_id = definition["steps"][position]["id"]
         move.queue_pending(session, run.id, next_id, now)
-        return (run.id, next_id, 1)
+        return [(run.id, next_id, 1, 0)]
     claim = Claim.of_run(
         run,
         definition,
@@ -104,4 +109,19 @@ def _continue_after(session: Session, run: Run, row: StepRun, now: datetime) -> 
         results=results_of(step_runs(session, run.id)),
     )
     complete_run(session, run, claim, now)
-    return None
+    return []
+
+
+def _settle_resumed(session: Session, run: Run, definition: dict[str, Any], now: datetime) -> list[Send]:
+    """A DAG after its approval was answered: the run goes on and settles (what the approval
+    unblocks is queued; a rejection skips what needs it). Steps queued before it suspended had
+    their messages refused meanwhile: they are sent again (a retry's at its due time)."""
+    move.reopen_run(session, run)
+    sends = settle(session, run, definition, now)
+    if run.status != R.RUNNING:
+        return sends
+    for row in current_step_runs(session, run.id):
+        if row.status == S.QUEUED and all(send[1] != row.step_id for send in sends):
+            due = row.queued_at or now
+            sends.append((run.id, row.step_id, row.attempt, max(0, int((due - now).total_seconds() * 1000))))
+    return sends

@@ -13,17 +13,19 @@ from app import actions, metrics, templating
 from app.engine import hotpath
 from app.engine import statements as sql
 from app.engine import transitions as move
-from app.engine.reads import definition_for, lock_run, results_of, step_runs
+from app.engine.graph import graph
+from app.engine.reads import current_step_runs, definition_for, lock_run, results_of, step_runs
 from app.engine.retry import RetryPolicy
-from app.engine.states import LEASE, LEASE_GRACE, RUN_EXECUTING, STEP_FINISHED
+from app.engine.states import LEASE, LEASE_GRACE, RUN_EXECUTING, STEP_FINISHED, reusable
 from app.engine.trigger import send_or_leave_to_sweep
 from app.engine.types import Claim, Next, Outcome
 from app.services import Services
 from app.timeutil import duration_ms, utcnow
-from models import Run
+from models import Run, StepRun
 from models.states import RunStatus, StepStatus
 
 R, S = RunStatus, StepStatus
+Send = tuple[str, str, int, int]  # a step message to send after the commit: run, step, attempt, delay
 
 
 def lease_until(claim_started: datetime, step: dict[str, Any], now: datetime) -> datetime:
@@ -133,11 +135,12 @@ def record_result(services: Services, claim: Claim, outcome: Outcome) -> Next:
     outcome.started_at = outcome.started_at or claim.started_at
     policy = RetryPolicy.of(claim.step)
     finished_ok = outcome.status in (S.SUCCESS, S.SKIPPED)
-    if finished_ok and not services.db.is_sqlite:
+    linear = graph(claim.definition).linear
+    if finished_ok and linear and not services.db.is_sqlite:
         return _chain_or_finish(services, claim, outcome, now)
     hotpath.commit_claim(claim)  # a pure step's claim, if deferred: the general way needs it committed
     with services.db.session() as session:
-        if finished_ok and not claim.is_last:
+        if finished_ok and linear and not claim.is_last:
             nxt = _chain(session, claim, outcome, now)
         else:
             run = lock_run(session, claim.run_id)
@@ -149,14 +152,16 @@ def record_result(services: Services, claim: Claim, outcome: Outcome) -> Next:
                 nxt = _retry(session, run, claim, outcome, now, policy)
             elif outcome.status == S.ERROR:
                 nxt = _fail(session, run, claim, outcome, now)
-            else:
+            elif linear:
                 nxt = _complete(session, run, claim, outcome, now)
+            else:
+                nxt = _settle_after(session, run, claim, outcome, now)
         if nxt is None:
             session.rollback()  # someone else recorded this attempt (a duplicate delivery); theirs stands
             return Next()
         session.commit()
-    if nxt.enqueue is not None:
-        send_or_leave_to_sweep(services, *nxt.enqueue, company_id=claim.company_id)
+    for send in nxt.sends:
+        send_or_leave_to_sweep(services, *send, company_id=claim.company_id)
     return nxt
 
 
@@ -259,13 +264,15 @@ def _retry(
         .where(sql.STEPS.c.run_id == claim.run_id, sql.STEPS.c.step_id == claim.step_id)
         .values(attempt=claim.attempt + 1, queued_at=now + timedelta(milliseconds=delay))
     )
-    return Next(enqueue=(claim.run_id, claim.step_id, claim.attempt + 1, delay))
+    return Next(sends=[(claim.run_id, claim.step_id, claim.attempt + 1, delay)])
 
 
 def _fail(session: Session, run: Run, claim: Claim, outcome: Outcome, now: datetime) -> Next | None:
     """The step failed for good: the run fails with STEP_ERROR and the step's message."""
     if not _record(session, claim, outcome, S.ERROR, now):
         return None
+    if run.status == R.RUNNING and not graph(claim.definition).linear:
+        return Next(sends=settle(session, run, claim.definition, now))
     if run.status == R.RUNNING:
         move.skip_after(session, claim.run_id, claim.position, now)
         error = {"code": "STEP_ERROR", "message": (outcome.error or {}).get("message", "Step failed")}
@@ -281,6 +288,72 @@ def _complete(session: Session, run: Run, claim: Claim, outcome: Outcome, now: d
         claim.results[claim.step_id] = {"output": outcome.output, "status": outcome.status}
         complete_run(session, run, claim, now)
     return Next()
+
+
+def _settle_after(session: Session, run: Run, claim: Claim, outcome: Outcome, now: datetime) -> Next | None:
+    """A step of a DAG succeeded (or was skipped): record it, then settle the run."""
+    if not _record(session, claim, outcome, outcome.status, now):
+        return None
+    return Next(sends=settle(session, run, claim.definition, now))
+
+
+def settle(session: Session, run: Run, definition: dict[str, Any], now: datetime) -> list[Send]:
+    """A DAG run after one of its steps finished, under the run's lock (so two branches finishing
+    at once settle one after the other, and a join is queued once): steps behind a failure are
+    skipped, steps whose needs are all met are queued (their messages returned, to send after the
+    commit), and when nothing is left to run the run ends: failed if a step failed, else completed
+    with its output. A run no longer running (cancelled, timed out, suspended) is left as it is."""
+    if run.status != R.RUNNING:
+        return []
+    shape = graph(definition)
+    rows = {row.position: row for row in current_step_runs(session, run.id)}
+    met: dict[int, bool | None] = {}  # position → True done, False blocked, None not yet
+    ready: list[StepRun] = []
+    blocked: list[str] = []
+    for position in shape.order:
+        row = rows[position]
+        if row.status == S.PENDING:
+            needs = [met[p] for p in shape.needs[position]]
+            if False in needs:
+                blocked.append(row.step_id)
+                met[position] = False
+            elif all(needs):
+                ready.append(row)
+                met[position] = None
+            else:
+                met[position] = None
+        elif row.status in STEP_FINISHED:
+            met[position] = reusable(row.status, row.duration_ms)
+        else:
+            met[position] = None  # queued, running, waiting: still going
+    move.skip_steps(session, run.id, blocked, now)
+    sends = [
+        (run.id, row.step_id, 1, 0) for row in ready if move.queue_pending(session, run.id, row.step_id, now)
+    ]
+    if any(status is None for status in met.values()):
+        return sends
+    failed = [rows[p] for p in sorted(rows) if rows[p].status == S.ERROR]
+    if failed:
+        move.finish_run(session, run, R.FAILED, now, error=run_error(failed[0].error))
+        return []
+    claim = Claim.of_run(
+        run, definition, len(rows) - 1, 1, started_at=now, results=results_of(list(rows.values()))
+    )
+    status, output, error = run_ending(claim)
+    move.finish_run(session, run, status, now, output=output, error=error)
+    return []
+
+
+# The run's error for a failed step: the step's own for an answered or expired approval, else
+# STEP_ERROR with the step's message.
+_OWN_ERRORS = frozenset({"APPROVAL_REJECTED", "APPROVAL_TIMEOUT"})
+
+
+def run_error(step_error: dict[str, Any] | None) -> dict[str, Any]:
+    error = step_error or {}
+    if error.get("code") in _OWN_ERRORS:
+        return {"code": error["code"], "message": error.get("message", "")}
+    return {"code": "STEP_ERROR", "message": error.get("message", "Step failed")}
 
 
 def complete_run(session: Session, run: Run, claim: Claim, now: datetime) -> None:
@@ -321,4 +394,4 @@ def _park(session: Session, run: Run, claim: Claim, outcome: Outcome, now: datet
     if park.until is None:
         return Next()
     delay = max(0, int((park.until - now).total_seconds() * 1000))
-    return Next(enqueue=(claim.run_id, claim.step_id, claim.attempt, delay))
+    return Next(sends=[(claim.run_id, claim.step_id, claim.attempt, delay)])

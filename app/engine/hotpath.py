@@ -27,6 +27,7 @@ from sqlalchemy.dialects.postgresql import psycopg as pg_dialect
 from app import events, metrics
 from app.db import Database, autocommit, count_statements
 from app.engine import statements as sql
+from app.engine.graph import graph
 from app.engine.reads import cached_definition, remember_definition
 from app.engine.transitions import claimed_data
 from app.engine.types import Claim, Outcome
@@ -266,8 +267,8 @@ def claim_queued(
                 raise Fallback
             return None
         found = definition(tx, workflow_key, version)
-        # Only a step after the first has finished steps before it (their results feed templates).
-        results = finished_results(tx, run_id) if position > 0 else {}
+        # Only a step that needs others has finished steps to see (their results feed templates).
+        results = finished_results(tx, run_id) if graph(found).needs[position] else {}
         claim = Claim(
             run_id=run_id,
             company_id=company_id,

@@ -116,6 +116,13 @@ def step_runs(session: Session, run_id: str) -> list[StepRun]:
     )
 
 
+def current_step_runs(session: Session, run_id: str) -> list[StepRun]:
+    """``step_runs`` as the database has them now, even for rows this session loaded before (the
+    caller holds the run's lock; the hot path's statements update rows past the identity map)."""
+    query = select(StepRun).where(StepRun.run_id == run_id).order_by(StepRun.position)
+    return list(session.execute(query.execution_options(populate_existing=True)).scalars())
+
+
 def step_row(session: Session, run_id: str, step_id: str) -> StepRun:
     return session.execute(
         select(StepRun).where(StepRun.run_id == run_id, StepRun.step_id == step_id)

@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from app.engine.graph import graph
 from app.engine.reads import definition_for, get_run, step_runs
 from app.engine.states import RUN_RESTARTABLE, RUN_RETRIABLE, reusable
 from app.engine.trigger import create_run, insert_run, request_hash
@@ -26,6 +27,7 @@ class RestartPlan:
     version: int
     definition: dict[str, Any]
     start: int
+    rerun: set[int]  # positions run again: the start step, its descendants (a retry: every unfinished)
     input: Any
     old_steps: dict[str, StepRun]
     fingerprint: str
@@ -36,11 +38,11 @@ class RestartPlan:
 
     @property
     def reused_step_ids(self) -> list[str]:
-        return [step["id"] for step in self.definition["steps"][: self.start]]
+        return [step["id"] for i, step in enumerate(self.definition["steps"]) if i not in self.rerun]
 
     @property
     def step_ids_to_run(self) -> list[str]:
-        return [step["id"] for step in self.definition["steps"][self.start :]]
+        return [step["id"] for i, step in enumerate(self.definition["steps"]) if i in self.rerun]
 
 
 def deep_merge(base: Any, override: Any) -> Any:
@@ -88,17 +90,28 @@ def plan_restart(
     if from_step_id not in ids:
         raise InvalidStep(f"Step not found: {from_step_id}")
     start = ids.index(from_step_id)
-    for step_id in ids[:start]:
-        row = old_steps.get(step_id)
-        if row is None or not reusable(row.status, row.duration_ms):
+    shape = graph(definition)
+    unfinished = {i for i, step_id in enumerate(ids) if not _reusable(old_steps.get(step_id))}
+    # A chain reruns from the start step on; a DAG reruns it and what needs it, and a retry every
+    # step without a result to reuse and what needs those.
+    rerun = shape.descendants({start} | (unfinished if mode == "retry" else set()))
+    if mode == "retry":  # a later version may add a step before the failed one: it starts there
+        start = min(rerun)
+        from_step_id = ids[start]
+    for i, step_id in enumerate(ids):
+        if i not in rerun and i in unfinished:
             raise InvalidStep(f"Step {step_id} has no result to reuse; restart from it or an earlier step")
     fingerprint = request_hash(
         {"op": mode, "run": run_id, "from": from_step_id, "input": override_input, "version": version_choice}
     )
     new_input = deep_merge(original.input, override_input or {})
     return RestartPlan(
-        mode, company_id, original, version, definition, start, new_input, old_steps, fingerprint
+        mode, company_id, original, version, definition, start, rerun, new_input, old_steps, fingerprint
     )
+
+
+def _reusable(row: StepRun | None) -> bool:
+    return row is not None and reusable(row.status, row.duration_ms)
 
 
 def _version(session: Session, company_id: str, original: Run, choice: str) -> int:
@@ -117,8 +130,8 @@ def start_restart(
     """Create the plan's new run (or return the one this Idempotency-Key made) and enqueue it."""
     original = plan.original
 
-    def build(session: Session) -> tuple[Run, str]:
-        run = insert_run(
+    def build(session: Session) -> tuple[Run, list[str]]:
+        return insert_run(
             session,
             plan.company_id,
             original.workflow_key,
@@ -128,9 +141,9 @@ def start_restart(
             plan.input,
             original.trigger_type,
             start=plan.start,
+            rerun=plan.rerun,
             reused=plan.old_steps,
             restarted_from=original.id,
         )
-        return run, plan.from_step_id
 
     return create_run(services, idempotency_key, plan.fingerprint, build, lambda _: original.workflow_key)

@@ -21,8 +21,8 @@ RUN_MOVES: dict[tuple[RunStatus, RunStatus], str] = {
     (R.PENDING, R.RUNNING): "a worker claims the run's first step",
     (R.PENDING, R.CANCELLED): "cancel",
     (R.PENDING, R.TIMEOUT): "deadline passed (sweep or claim)",
-    (R.RUNNING, R.COMPLETED): "the last step succeeded or was skipped",
-    (R.RUNNING, R.FAILED): "a step failed for good, or the output mapping failed",
+    (R.RUNNING, R.COMPLETED): "the last step succeeded or was skipped (a DAG: nothing left to run)",
+    (R.RUNNING, R.FAILED): "a step failed for good (a DAG: once nothing else runs), or the output failed",
     (R.RUNNING, R.CANCELLED): "cancel",
     (R.RUNNING, R.TIMEOUT): "deadline passed (sweep or claim)",
     (R.RUNNING, R.SUSPENDED): "an approval step parks",
@@ -34,9 +34,9 @@ RUN_MOVES: dict[tuple[RunStatus, RunStatus], str] = {
 }
 
 STEP_MOVES: dict[tuple[StepStatus, StepStatus], str] = {
-    (S.PENDING, S.QUEUED): "the step before it was approved (resume)",
+    (S.PENDING, S.QUEUED): "the step before it was approved (resume), or its needs finished (a DAG)",
     (S.PENDING, S.RUNNING): "the worker that finished the step before claims it (chaining)",
-    (S.PENDING, S.SKIPPED): "the run ended before reaching it",
+    (S.PENDING, S.SKIPPED): "the run ended before reaching it, or a step it needs failed (a DAG)",
     (S.QUEUED, S.RUNNING): "a worker claims its message",
     (S.QUEUED, S.SKIPPED): "the run was cancelled or timed out",
     (S.RUNNING, S.SUCCESS): "the action returned",

@@ -17,6 +17,8 @@ from sqlalchemy.orm import Session
 from app import metrics
 from app.engine import statements as sql
 from app.engine import transitions as move
+from app.engine.execution import Send, settle
+from app.engine.graph import graph
 from app.engine.reads import definition_for, lock_run, step_row
 from app.engine.retry import RetryPolicy
 from app.engine.states import RUN_ACTIVE, RUN_EXECUTING, STUCK_AFTER
@@ -38,7 +40,7 @@ def sweep(services: Services, now: datetime | None = None) -> dict[str, int]:
     now = now or utcnow()
     with services.db.session() as session:
         timed_out = sweep_timeouts(services, session, now)
-        approvals = sweep_approvals(session, now)
+        approvals = sweep_approvals(services, session, now)
         counts = {
             "resent": sweep_broker_restart(services, session, now),
             "timedOut": timed_out,
@@ -65,7 +67,7 @@ def sweep_timeouts(services: Services, session: Session, now: datetime) -> int:
     return count
 
 
-def sweep_approvals(session: Session, now: datetime) -> int:
+def sweep_approvals(services: Services, session: Session, now: datetime) -> int:
     """Approvals past their ``timeoutMs`` fail the run with APPROVAL_TIMEOUT."""
     expired = (
         select(StepRun.run_id, StepRun.step_id)
@@ -74,10 +76,12 @@ def sweep_approvals(session: Session, now: datetime) -> int:
     )
     count = 0
     for run, row in _locked_steps(session, expired):
+        sends = []
         if run.status == R.SUSPENDED and row.status == S.WAITING:
-            _fail_step(session, run, row, APPROVAL_TIMEOUT, now, "APPROVAL_TIMEOUT")
+            sends = _fail_step(session, run, row, APPROVAL_TIMEOUT, now, "APPROVAL_TIMEOUT")
             count += 1
         session.commit()
+        _send(services, run, sends)
     return count
 
 
@@ -147,10 +151,9 @@ def sweep_dead_workers(services: Services, session: Session, now: datetime) -> i
         if row.status != S.RUNNING or row.lease_expires_at > now:
             session.rollback()
             continue
-        enqueue = _recover_lost_step(session, run, row, now)
+        sends = _recover_lost_step(session, run, row, now)
         session.commit()
-        if enqueue:
-            services.queue.enqueue(row.run_id, row.step_id, row.attempt, company_id=run.company_id)
+        _send(services, run, sends)
         count += 1
     return count
 
@@ -164,22 +167,27 @@ def _locked_steps(session: Session, query: Select) -> Iterator[tuple[Run, StepRu
             yield run, step_row(session, run_id, step_id)
 
 
-def _recover_lost_step(session: Session, run: Run, row: StepRun, now: datetime) -> bool:
-    """A new attempt when the policy allows one (True: send it), else the step fails."""
+def _recover_lost_step(session: Session, run: Run, row: StepRun, now: datetime) -> list[Send]:
+    """A new attempt when the policy allows one (its message returned), else the step fails."""
     definition = definition_for(session, run.workflow_key, run.workflow_version)
     policy = RetryPolicy.of(definition["steps"][row.position])
     if run.status == R.RUNNING and not policy.exhausted(row.attempt):
         move.log_attempt(session, row, S.ERROR, row.started_at, now, step_input=row.input, error=WORKER_LOST)
-        return move.move_step(
+        moved = move.move_step(
             session, row, S.QUEUED, attempt=row.attempt + 1, queued_at=now, lease_expires_at=None
         )
+        return [(row.run_id, row.step_id, row.attempt, 0)] if moved else []
     if run.status == R.RUNNING:
-        _fail_step(session, run, row, WORKER_LOST, now, "STEP_ERROR")
-        return False
+        return _fail_step(session, run, row, WORKER_LOST, now, "STEP_ERROR")
     # The run already ended (cancelled, timed out): the step's outcome is recorded as lost.
     move.log_attempt(session, row, S.ERROR, row.started_at, now, step_input=row.input, error=WORKER_LOST)
     _end_step(session, row, WORKER_LOST, now)
-    return False
+    return []
+
+
+def _send(services: Services, run: Run, sends: list[Send]) -> None:
+    for run_id, step_id, attempt, delay in sends:
+        services.queue.enqueue(run_id, step_id, attempt, delay, run.company_id)
 
 
 def _end_step(session: Session, row: StepRun, error: dict[str, str], now: datetime) -> None:
@@ -196,9 +204,16 @@ def _end_step(session: Session, row: StepRun, error: dict[str, str], now: dateti
 
 def _fail_step(
     session: Session, run: Run, row: StepRun, error: dict[str, str], now: datetime, code: str
-) -> None:
-    """End a step in error, log the attempt, skip what follows and fail the run."""
+) -> list[Send]:
+    """End a step in error, log the attempt, skip what follows and fail the run (a DAG: what needs
+    the step is skipped, and the run fails once nothing else can run)."""
     move.log_attempt(session, row, S.ERROR, row.started_at, now, step_input=row.input, error=error)
     _end_step(session, row, error, now)
+    definition = definition_for(session, run.workflow_key, run.workflow_version)
+    if not graph(definition).linear:
+        if run.status == R.SUSPENDED:
+            move.reopen_run(session, run)
+        return settle(session, run, definition, now)
     move.skip_after(session, run.id, row.position, now)
     move.finish_run(session, run, R.FAILED, now, error={"code": code, "message": error["message"]})
+    return []

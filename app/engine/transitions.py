@@ -193,7 +193,7 @@ def _move_step_row(session: Session, row: StepRun, to: StepStatus, values: dict[
 
 
 def queue_pending(session: Session, run_id: str, step_id: str, now: datetime) -> bool:
-    """A pending step → queued as attempt 1 (the step before it was approved)."""
+    """A pending step → queued as attempt 1 (the step before it was approved, or its needs met)."""
     queued = session.execute(
         sql.update_steps()
         .where(StepRun.run_id == run_id, StepRun.step_id == step_id, StepRun.status == S.PENDING)
@@ -210,6 +210,19 @@ def skip_after(session: Session, run_id: str, position: int, now: datetime) -> N
     skipped = session.execute(
         sql.update_steps()
         .where(StepRun.run_id == run_id, StepRun.position > position, StepRun.status == S.PENDING)
+        .values(status=S.SKIPPED, completed_at=now)
+        .returning(*_SKIPPED_COLUMNS)
+    )
+    _note_skipped(session, run_id, skipped, now)
+
+
+def skip_steps(session: Session, run_id: str, step_ids: list[str], now: datetime) -> None:
+    """Pending steps that will not run: a step they need failed (a DAG)."""
+    if not step_ids:
+        return
+    skipped = session.execute(
+        sql.update_steps()
+        .where(StepRun.run_id == run_id, StepRun.step_id.in_(step_ids), StepRun.status == S.PENDING)
         .values(status=S.SKIPPED, completed_at=now)
         .returning(*_SKIPPED_COLUMNS)
     )

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from app import events, metrics
 from app.db import autocommit, count_statements
 from app.engine import statements as sql
+from app.engine.graph import graph
 from app.engine.reads import WorkflowRef, definition_for, workflow_ref
 from app.engine.states import STUCK_AFTER
 from app.errors import Conflict
@@ -46,9 +47,9 @@ _INSERT_RUNS_AND_STEPS = text(
     )
     INSERT INTO step_runs (run_id, step_id, position, status, attempt, queued_at, reused)
     SELECT r.id, s.step_id, s.position,
-           CASE WHEN s.position = 0 THEN :queued ELSE :pending END,
-           CASE WHEN s.position = 0 THEN 1 ELSE 0 END,
-           CASE WHEN s.position = 0 THEN CAST(:now AS timestamptz) END,
+           CASE WHEN s.position = ANY(CAST(:starts AS int[])) THEN :queued ELSE :pending END,
+           CASE WHEN s.position = ANY(CAST(:starts AS int[])) THEN 1 ELSE 0 END,
+           CASE WHEN s.position = ANY(CAST(:starts AS int[])) THEN CAST(:now AS timestamptz) END,
            false
     FROM new_runs AS r
     CROSS JOIN unnest(CAST(:step_ids AS text[]), CAST(:positions AS int[])) AS s(step_id, position)
@@ -79,7 +80,7 @@ SELECT run.id, s.step_id, s.n - 1,
 FROM run CROSS JOIN unnest(string_to_array(%s, ',')) WITH ORDINALITY AS s(step_id, n)
 """
 IDEMPOTENCY_TTL = timedelta(hours=24)
-Build = Callable[[Session], tuple["Run | NewRun", str]]
+Build = Callable[[Session], tuple["Run | NewRun", list[str]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +104,8 @@ _MAX_PLANS = 10_000
 def _remember(company_id: str, ref: WorkflowRef, definition: dict[str, Any]) -> None:
     steps = [step["id"] for step in definition["steps"]]
     if any("," in step for step in steps):  # not a valid step id; the general path takes it
+        return
+    if not graph(definition).linear:  # the planned statement queues the first step only
         return
     if len(_plans) >= _MAX_PLANS:
         _plans.clear()
@@ -150,19 +153,19 @@ def trigger_run(
             found.append(workflow_ref(session, company_id, workflow_id))
         return found[0]
 
-    def build(session: Session) -> tuple[Run | NewRun, str]:
+    def build(session: Session) -> tuple[Run | NewRun, list[str]]:
         ref = workflow(session)
         definition = definition_for(session, ref.key, ref.current_version)
         run = new_run(company_id, ref, definition, run_input, trigger_type, utcnow())
         # The key goes in with the row (create_run sets it on the object too, which stays unsaved).
         if idempotency_key:
             run.idempotency_key, run.idempotency_hash = idempotency_key, fingerprint
-        step_ids = [step["id"] for step in definition["steps"]]
-        insert_new_runs(session, [run], step_ids, run.created_at)
-        events.note_created(session, run, [first_step_row(step_ids[0])])
+        starts = first_steps(definition)
+        insert_new_runs(session, [run], definition, run.created_at)
+        events.note_created(session, run, [first_step_row(step_id) for step_id in starts])
         if not services.db.is_sqlite:
             _remember(company_id, ref, definition)
-        return run, step_ids[0]
+        return run, starts
 
     return create_run(
         services, idempotency_key, fingerprint or "", build, lambda session: workflow(session).key
@@ -302,6 +305,12 @@ def new_run(
     )
 
 
+def first_steps(definition: dict[str, Any]) -> list[str]:
+    """The steps a new run starts with: the first, or every step that needs none (``graph``)."""
+    shape = graph(definition)
+    return [shape.ids[i] for i in shape.roots]
+
+
 def first_step_row(step_id: str) -> dict[str, Any]:
     """What ``events.note_created`` needs of a new run's queued first step."""
     return {"step_id": step_id, "status": StepStatus.QUEUED, "attempt": 1}
@@ -325,7 +334,7 @@ def create_run(
             if existing is not None:
                 return existing, False
         try:
-            run, first_step = build(session)
+            run, starts = build(session)
             if idempotency_key:
                 run.idempotency_key, run.idempotency_hash = idempotency_key, fingerprint
             session.commit()
@@ -339,8 +348,9 @@ def create_run(
                 raise
             return existing, False
     metrics.run_started(run.workflow_id)
-    if not send_or_leave_to_sweep(services, run.id, first_step, 1, company_id=run.company_id):
-        _mark_unsent(services, run.id, first_step, 1)
+    for step_id in starts:
+        if not send_or_leave_to_sweep(services, run.id, step_id, 1, company_id=run.company_id):
+            _mark_unsent(services, run.id, step_id, 1)
     return run, True
 
 
@@ -386,10 +396,12 @@ def insert_run(
     trigger_type: str,
     *,
     start: int = 0,
+    rerun: set[int] | None = None,
     reused: dict[str, StepRun] | None = None,
     restarted_from: str | None = None,
-) -> Run:
-    """A pending run whose steps before ``start`` are copies of ``reused`` and the rest still to run."""
+) -> tuple[Run, list[str]]:
+    """A pending run whose steps outside ``rerun`` (default: from ``start`` on) are copies of
+    ``reused`` and the rest still to run; with the ids of the steps it starts with (queued)."""
     now = utcnow()
     timeout = definition.get("timeoutMs")
     run = Run(
@@ -408,19 +420,26 @@ def insert_run(
     )
     session.add(run)
     session.flush()
+    shape = graph(definition)
+    to_run = rerun if rerun is not None else set(range(start, len(shape.ids)))
+    # Steps to run whose needs are all reused start at once (a chain: the restart step alone).
+    starts = {i for i in to_run if not set(shape.needs[i]) & to_run}
     rows = [
-        _step_row(run.id, index, step, start, now, reused) for index, step in enumerate(definition["steps"])
+        _step_row(run.id, index, step, index in starts, index not in to_run, now, reused)
+        for index, step in enumerate(definition["steps"])
     ]
     session.execute(insert(StepRun), rows)
     events.note_created(session, run, rows)
-    return run
+    return run, [shape.ids[i] for i in sorted(starts)]
 
 
-def insert_new_runs(session: Session, runs: list[NewRun], step_ids: list[str], now: datetime) -> None:
+def insert_new_runs(session: Session, runs: list[NewRun], definition: dict[str, Any], now: datetime) -> None:
     """New runs of one workflow version (from :func:`new_run`) and all their steps, each run's first
-    step queued: one statement on PostgreSQL, no ORM flush."""
+    steps queued: one statement on PostgreSQL, no ORM flush."""
+    shape = graph(definition)
+    step_ids, starts = list(shape.ids), list(shape.roots)
     if session.get_bind().dialect.name != "postgresql":
-        _insert_portable(session, runs, step_ids, now)
+        _insert_portable(session, runs, step_ids, starts, now)
         return
     first = runs[0]
     session.execute(
@@ -442,11 +461,14 @@ def insert_new_runs(session: Session, runs: list[NewRun], step_ids: list[str], n
             "pending": StepStatus.PENDING.value,
             "step_ids": step_ids,
             "positions": list(range(len(step_ids))),
+            "starts": starts,
         },
     )
 
 
-def _insert_portable(session: Session, runs: list[NewRun], step_ids: list[str], now: datetime) -> None:
+def _insert_portable(
+    session: Session, runs: list[NewRun], step_ids: list[str], starts: list[int], now: datetime
+) -> None:
     """SQLite (the embedded default): the same rows through executemany."""
     columns = [c.key for c in Run.__table__.columns]
     session.execute(insert(Run), [{name: getattr(run, name) for name in columns} for run in runs])
@@ -455,9 +477,9 @@ def _insert_portable(session: Session, runs: list[NewRun], step_ids: list[str], 
             "run_id": run.id,
             "step_id": step_id,
             "position": position,
-            "status": StepStatus.QUEUED if position == 0 else StepStatus.PENDING,
-            "attempt": 1 if position == 0 else 0,
-            "queued_at": now if position == 0 else None,
+            "status": StepStatus.QUEUED if position in starts else StepStatus.PENDING,
+            "attempt": 1 if position in starts else 0,
+            "queued_at": now if position in starts else None,
             "reused": False,
         }
         for run in runs
@@ -470,11 +492,11 @@ def _step_row(
     run_id: str,
     index: int,
     step: dict[str, Any],
-    start: int,
+    first: bool,
+    copied: bool,
     now: datetime,
     reused: dict[str, StepRun] | None,
 ) -> dict[str, Any]:
-    first = index == start
     row: dict[str, Any] = {
         "run_id": run_id,
         "step_id": step["id"],
@@ -484,7 +506,7 @@ def _step_row(
         "queued_at": now if first else None,
         "reused": False,
     }
-    if index < start and reused is not None:
+    if copied and reused is not None:
         old = reused[step["id"]]
         columns = (
             "status",

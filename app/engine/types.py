@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from app.actions import Park
+from app.engine.graph import graph
 from models.states import StepStatus
 
 
@@ -93,9 +94,22 @@ class Claim:
         return (self.run_id, self.step_id, self.attempt)
 
     def template_context(self) -> dict[str, Any]:
+        """What the run's ``output`` mapping sees: every finished step."""
+        return self._context(self.results)
+
+    def step_context(self) -> dict[str, Any]:
+        """What the step's ``if`` and ``input`` see: the steps it needs, directly or not (in a
+        chain, every step before it)."""
+        shape = graph(self.definition)
+        if shape.linear:
+            return self._context(self.results)
+        needed = shape.needed_ids(self.position)
+        return self._context({k: v for k, v in self.results.items() if k in needed})
+
+    def _context(self, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         return {
             "input": self.run_input,
-            "steps": self.results,
+            "steps": results,
             "run": {"id": self.run_id, "workflowId": self.workflow_id, "triggerType": self.trigger_type},
             "secrets": {},
         }
@@ -106,4 +120,4 @@ class Next:
     """What the worker does after recording a result."""
 
     claim: Claim | None = None  # run this next step inline, now
-    enqueue: tuple[str, str, int, int] | None = None  # (run_id, step_id, attempt, delay_ms)
+    sends: list[tuple[str, str, int, int]] = field(default_factory=list)  # (run, step, attempt, delay_ms)

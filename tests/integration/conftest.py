@@ -22,7 +22,7 @@ from sqlalchemy import select, text
 from app import engine, events
 from app.actions import Park
 from app.config import Config
-from app.engine import Claim, Next, Outcome, sweeps
+from app.engine import Claim, Next, Outcome
 from app.engine.states import RUN_ACTIVE
 from app.queue import STEPS_QUEUE, StepQueue, make_broker
 from app.services import Services
@@ -246,8 +246,6 @@ class Engine:
 
     def sweeping(self, sweep: Callable[..., int], now: datetime, **kwargs: Any) -> int:
         with self.services.db.session() as session:
-            if sweep is sweeps.sweep_approvals:
-                return sweep(session, now, **kwargs)
             return sweep(self.services, session, now, **kwargs)
 
     def end_live_runs(self) -> None:

@@ -160,7 +160,7 @@ def test_success_chains_to_the_next_step_in_one_commit_without_a_message(e: Engi
     run_id, claim = e.start(step("a"), step("b"), step("c"))
     completed = utcnow()
     nxt = e.record(claim, success({"v": 1}, completed_at=completed))
-    assert nxt.enqueue is None and e.sent(run_id) == [], "chaining needs no broker hop"
+    assert nxt.sends == [] and e.sent(run_id) == [], "chaining needs no broker hop"
     follow = nxt.claim
     assert follow is not None
     assert (follow.step_id, follow.position, follow.attempt, follow.started_at) == ("b", 1, 1, completed)
@@ -219,7 +219,7 @@ def test_the_last_step_is_recorded_logged_and_its_run_finished_in_one_statement(
     assert b is not None
     with statements_of_this_thread(e) as counts:
         nxt = e.record(b, success({"v": 2}))
-    assert nxt.claim is None and nxt.enqueue is None
+    assert nxt.claim is None and nxt.sends == []
     assert counts == {"statements": 1, "commits": 1}
     run = e.run(run_id)
     assert run.status == R.COMPLETED and run.output == {"v": 2} and run.error is None
@@ -329,9 +329,9 @@ def test_a_retriable_failure_queues_the_next_attempt_after_its_backoff(e: Engine
     run_id, claim = e.start(retrying("a", 3), step("b"))
     failed_at = utcnow()
     nxt = e.record(claim, failure("503", retriable=True, completed_at=failed_at))
-    assert nxt.claim is None and nxt.enqueue is not None
-    assert nxt.enqueue[:3] == (run_id, "a", 2)
-    delay = nxt.enqueue[3]
+    assert nxt.claim is None and nxt.sends != []
+    assert nxt.sends[0][:3] == (run_id, "a", 2)
+    delay = nxt.sends[0][3]
     assert 500 <= delay <= 1000, "fixed 1 s back-off with equal jitter"
     row = e.step(run_id, "a")
     assert (row.status, row.attempt, row.lease_expires_at, row.completed_at) == (S.QUEUED, 2, None, None)
@@ -362,14 +362,14 @@ def test_the_next_attempt_runs_and_succeeds(e: Engine) -> None:
 def test_retry_after_is_honoured(e: Engine) -> None:
     run_id, claim = e.start(retrying("a", 2))
     nxt = e.record(claim, failure(retriable=True, retry_after_ms=5000))
-    assert nxt.enqueue == (run_id, "a", 2, 5000)
+    assert nxt.sends == [(run_id, "a", 2, 5000)]
 
 
 def test_retry_after_is_capped_at_max_delay(e: Engine) -> None:
     retry = {"maxAttempts": 2, "backoff": "fixed", "initialDelayMs": 100, "maxDelayMs": 2000}
     run_id, claim = e.start(step("a", retry=retry))
     nxt = e.record(claim, failure(retriable=True, retry_after_ms=3_600_000))
-    assert nxt.enqueue == (run_id, "a", 2, 2000)
+    assert nxt.sends == [(run_id, "a", 2, 2000)]
 
 
 def test_an_exhausted_retriable_failure_fails_the_run(e: Engine) -> None:
@@ -377,7 +377,7 @@ def test_an_exhausted_retriable_failure_fails_the_run(e: Engine) -> None:
     e.record(claim, failure(retriable=True))
     last = e.claim(run_id, "a", 2)
     nxt = e.record(last, failure("still down", retriable=True))
-    assert nxt.claim is None and nxt.enqueue is None
+    assert nxt.claim is None and nxt.sends == []
     run = e.run(run_id)
     assert run.status == R.FAILED and run.error == {"code": "STEP_ERROR", "message": "still down"}
     assert e.statuses(run_id) == [S.ERROR, S.SKIPPED, S.SKIPPED]
@@ -407,7 +407,7 @@ def test_a_step_finishing_after_cancel_records_its_result_and_nothing_follows(e:
     e.cancel(run_id)
     assert e.statuses(run_id) == [S.RUNNING, S.SKIPPED], "a running step finishes"
     nxt = e.record(claim, success({"v": 1}))
-    assert nxt.claim is None and nxt.enqueue is None
+    assert nxt.claim is None and nxt.sends == []
     assert e.statuses(run_id) == [S.SUCCESS, S.SKIPPED]
     assert e.run(run_id).status == R.CANCELLED
 
@@ -434,7 +434,7 @@ def test_a_retriable_failure_after_cancel_is_final(e: Engine) -> None:
     run_id, claim = e.start(retrying("a", 3))
     e.cancel(run_id)
     nxt = e.record(claim, failure(retriable=True))
-    assert nxt.enqueue is None and e.sent(run_id) == []
+    assert nxt.sends == [] and e.sent(run_id) == []
     row = e.step(run_id, "a")
     assert (row.status, row.attempt) == (S.ERROR, 1)
     assert e.run(run_id).status == R.CANCELLED
@@ -444,7 +444,7 @@ def test_a_park_after_cancel_skips_the_step(e: Engine) -> None:
     run_id, claim = e.start(step("wait", "delay"), step("b"))
     e.cancel(run_id)
     nxt = e.record(claim, parked(utcnow() + timedelta(minutes=1)))
-    assert nxt.enqueue is None and e.sent(run_id) == []
+    assert nxt.sends == [] and e.sent(run_id) == []
     assert e.statuses(run_id) == [S.SKIPPED, S.SKIPPED]
     assert e.step(run_id, "wait").lease_expires_at is None
 
@@ -453,7 +453,7 @@ def test_a_recorded_attempt_cannot_be_recorded_twice(e: Engine) -> None:
     run_id, claim = e.start(step("a"), step("b"))
     first = e.record(claim, success({"v": 1}))
     again = e.record(claim, success({"v": "dup"}))
-    assert again.claim is None and again.enqueue is None
+    assert again.claim is None and again.sends == []
     assert e.step(run_id, "a").output == {"v": 1}
     assert len(e.attempts(run_id)) == 1
     assert first.claim is not None and e.step(run_id, "b").status == S.RUNNING
@@ -477,7 +477,7 @@ def test_a_duplicate_retriable_failure_queues_one_retry(e: Engine) -> None:
     assert e.record(claim, failure(retriable=True)) == engine.Next()
     row = e.step(run_id, "a")
     assert (row.status, row.attempt) == (S.QUEUED, 2)
-    assert [m.attempt for m in e.sent(run_id)] == [2] and first.enqueue is not None
+    assert [m.attempt for m in e.sent(run_id)] == [2] and first.sends != []
     assert len(e.attempts(run_id)) == 1
 
 
@@ -506,9 +506,9 @@ def test_a_delay_parks_in_the_database_and_comes_back_as_a_delayed_message(e: En
     until = utcnow() + timedelta(seconds=90)
     now = utcnow()
     nxt = e.record(claim, parked(until))
-    assert nxt.claim is None and nxt.enqueue is not None
-    assert nxt.enqueue[:3] == (run_id, "wait", 1)
-    assert duration_ms(now, until) - 1000 <= nxt.enqueue[3] <= duration_ms(now, until)
+    assert nxt.claim is None and nxt.sends != []
+    assert nxt.sends[0][:3] == (run_id, "wait", 1)
+    assert duration_ms(now, until) - 1000 <= nxt.sends[0][3] <= duration_ms(now, until)
     row = e.step(run_id, "wait")
     assert (row.status, row.queued_at, row.input, row.lease_expires_at) == (S.WAITING, until, {"p": 1}, None)
     assert row.started_at == claim.started_at and row.completed_at is None
@@ -522,7 +522,7 @@ def test_a_delay_parks_in_the_database_and_comes_back_as_a_delayed_message(e: En
 def test_a_delay_already_due_comes_back_at_once(e: Engine) -> None:
     run_id, claim = e.start(step("wait", "delay"))
     nxt = e.record(claim, parked(utcnow() - timedelta(seconds=5)))
-    assert nxt.enqueue == (run_id, "wait", 1, 0)
+    assert nxt.sends == [(run_id, "wait", 1, 0)]
     [sent] = e.sent(run_id)
     assert not sent.delayed
 
@@ -616,7 +616,7 @@ def test_renew_touches_only_running_steps_of_the_attempt_held(e: Engine) -> None
 def test_a_retry_whose_message_cannot_be_sent_is_still_recorded(e: Engine, broker_down: Services) -> None:
     run_id, claim = e.start(retrying("a", 3))
     nxt = engine.record_result(broker_down, claim, failure(retriable=True))
-    assert nxt.enqueue is not None and nxt.enqueue[:3] == (run_id, "a", 2)
+    assert nxt.sends != [] and nxt.sends[0][:3] == (run_id, "a", 2)
     row = e.step(run_id, "a")
     assert (row.status, row.attempt) == (S.QUEUED, 2), "the row is the truth; the sweep sends it"
     assert e.sent(run_id) == []

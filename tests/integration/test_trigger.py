@@ -310,7 +310,7 @@ def race_for_a_key(e: Engine, wid: str) -> str:
     with e.services.db.session() as winner:
         workflow = winner.execute(select(Workflow).where(Workflow.id == wid)).scalar_one()
         definition = engine.definition_for(winner, workflow.key, workflow.current_version)
-        won = insert_run(winner, e.company_id, workflow.key, wid, 1, definition, {"n": 1}, "api")
+        won, _ = insert_run(winner, e.company_id, workflow.key, wid, 1, definition, {"n": 1}, "api")
         won.idempotency_key, won.idempotency_hash = key, fingerprint
         winner.flush()  # the key is in the index, not yet committed
         base = blocked_on_locks(e.services)
