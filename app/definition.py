@@ -102,6 +102,16 @@ class TriggersSchema(Schema):
     schedule = fields.Nested(ScheduleTriggerSchema)
 
 
+class ConcurrencySchema(Schema):
+    """At most ``limit`` runs of the workflow per rendered ``key`` (no key: of the workflow) at once."""
+
+    class Meta:
+        unknown = RAISE
+
+    key = fields.String(validate=validate.Length(1, 500))
+    limit = fields.Integer(required=True, validate=validate.Range(1, 10_000), strict=True)
+
+
 class DefinitionSchema(Schema):
     class Meta:
         unknown = RAISE
@@ -112,6 +122,7 @@ class DefinitionSchema(Schema):
     output = AnyJSON()
     timeoutMs = fields.Integer(validate=validate.Range(1, 30 * 24 * 3600 * 1000), strict=True)
     triggers = fields.Nested(TriggersSchema)
+    concurrency = fields.Nested(ConcurrencySchema)
 
     @validates_schema
     def _steps(self, data: dict[str, Any], **_: Any) -> None:
@@ -143,6 +154,8 @@ class DefinitionSchema(Schema):
             problems["steps"] = errors
         for path, message in templating.check_syntax(data.get("output")):
             problems[f"output.{path}" if path else "output"] = [message]
+        for _path, message in templating.check_syntax((data.get("concurrency") or {}).get("key")):
+            problems["concurrency.key"] = [message]
         if problems:
             raise ValidationError(problems)
 

@@ -97,6 +97,7 @@ SWEEP_KINDS = {
     "approvalsExpired": "approval_timeout",
     "requeued": "lost_message",
     "leasesExpired": "lease_expired",
+    "slotsReconciled": "concurrency_slot",
 }
 
 # --------------------------------------------------------------------------- counting

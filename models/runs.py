@@ -6,7 +6,17 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import Boolean, ForeignKey, Index, Integer, String, TypeDecorator, UniqueConstraint
+from sqlalchemy import (
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import Base, JSONType, UTCDateTime
@@ -45,6 +55,16 @@ class Run(Base):
         UniqueConstraint("workflow_key", "idempotency_key"),
         # A run's restart lineage: the runs retried or restarted from it (GET /runs/:id).
         Index("ix_runs_restarted_from", "restarted_from_run_id"),
+        # A concurrency key's held slots and waiting runs, in arrival order (app.engine.concurrency).
+        Index(
+            "ix_runs_slots",
+            "concurrency_key",
+            "slot",
+            "created_at",
+            "id",
+            postgresql_where=text("slot IS NOT NULL"),
+            sqlite_where=text("slot IS NOT NULL"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(48), primary_key=True)
@@ -68,6 +88,10 @@ class Run(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     # SHA-256 of the triggering request, to tell a repeat from a different request with the same key.
     idempotency_hash: Mapped[str | None] = mapped_column(String(64))
+    # The workflow's concurrency group (workflow key and rendered key) and the run's place in it:
+    # "waiting" (pending, nothing queued), "held" (a slot), or NULL (none, or freed when it ended).
+    concurrency_key: Mapped[str | None] = mapped_column(Text)
+    slot: Mapped[str | None] = mapped_column(String(8))
 
 
 class StepRun(Base):

@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import events, metrics
+from app.engine import concurrency, outbox
 from app.engine import statements as sql
 from app.engine.reads import definition_for, workflow_ref
 from app.engine.states import STUCK_AFTER
@@ -25,6 +26,7 @@ from app.engine.trigger import (
     new_run,
     request_hash,
 )
+from app.errors import ValidationError as BatonValidationError
 from app.ids import new_id
 from app.services import Services
 from app.timeutil import utcnow
@@ -113,17 +115,23 @@ def _insert(
         now = utcnow()
         runs = []
         for run_id, item in new:
-            run = new_run(company_id, workflow, definition, item.input, trigger_type, now, run_id)
+            try:
+                run = new_run(company_id, workflow, definition, item.input, trigger_type, now, run_id)
+            except BatonValidationError as exc:  # its concurrency key does not render
+                decided[item.index] = _invalid("VALIDATION_ERROR", exc.message)
+                continue
             if item.key is not None:
                 run.idempotency_key, run.idempotency_hash = item.key, item.fingerprint
             runs.append(run)
-        starts = first_steps(definition)
+        starts = first_steps(definition) if definition.get("concurrency") is None else []
         if runs:
             insert_new_runs(session, runs, definition, now)
             first = [first_step_row(step_id) for step_id in starts]
             for run in runs:
                 events.note_created(session, run, first)
+            concurrency.admit_new(session, runs, now)
         session.commit()
+        outbox.flush(services, session)
     return decided, [(run.id, step_id, 1, company_id) for run in runs for step_id in starts]
 
 

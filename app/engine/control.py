@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.engine import outbox
 from app.engine import transitions as move
 from app.engine.execution import Send, complete_run, settle
 from app.engine.graph import graph
@@ -33,6 +34,7 @@ def cancel_run(services: Services, company_id: str, run_id: str) -> Run:
             raise InvalidState("Can only cancel running or pending runs")
         move.end_run(session, run, R.CANCELLED, utcnow())
         session.commit()
+        outbox.flush(services, session)
     services.request_cancel(run.id)
     return run
 
@@ -68,6 +70,7 @@ def resume_run(services: Services, company_id: str, run_id: str, approved: bool,
         else:
             sends = _continue_after(session, run, definition, row, now)
         session.commit()
+        outbox.flush(services, session)
     for send in sends:
         send_or_leave_to_sweep(services, *send, company_id=run.company_id)
     return run

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app import actions, metrics, templating
-from app.engine import hotpath
+from app.engine import hotpath, outbox
 from app.engine import statements as sql
 from app.engine import transitions as move
 from app.engine.graph import graph
@@ -65,6 +65,7 @@ def _claim_locked(
     if run.deadline_at is not None and run.deadline_at <= now:
         move.end_run(session, run, R.TIMEOUT, now, error=move.RUN_TIMEOUT)
         session.commit()
+        outbox.flush(services, session)
         services.request_cancel(run.id)
         return None
     definition = definition_for(session, run.workflow_key, run.workflow_version)
@@ -136,7 +137,10 @@ def record_result(services: Services, claim: Claim, outcome: Outcome) -> Next:
     policy = RetryPolicy.of(claim.step)
     finished_ok = outcome.status in (S.SUCCESS, S.SKIPPED)
     linear = graph(claim.definition).linear
-    if finished_ok and linear and not services.db.is_sqlite:
+    # The last step's FINISH statement ends the run on the driver's connection: a run that holds a
+    # concurrency slot ends through ``transitions`` instead, which frees it and admits the next.
+    limited = claim.is_last and claim.definition.get("concurrency") is not None
+    if finished_ok and linear and not limited and not services.db.is_sqlite:
         return _chain_or_finish(services, claim, outcome, now)
     hotpath.commit_claim(claim)  # a pure step's claim, if deferred: the general way needs it committed
     with services.db.session() as session:
@@ -160,6 +164,7 @@ def record_result(services: Services, claim: Claim, outcome: Outcome) -> Next:
             session.rollback()  # someone else recorded this attempt (a duplicate delivery); theirs stands
             return Next()
         session.commit()
+        outbox.flush(services, session)
     for send in nxt.sends:
         send_or_leave_to_sweep(services, *send, company_id=claim.company_id)
     return nxt

@@ -15,6 +15,7 @@ from sqlalchemy import Select, or_, select
 from sqlalchemy.orm import Session
 
 from app import metrics
+from app.engine import concurrency, outbox
 from app.engine import statements as sql
 from app.engine import transitions as move
 from app.engine.execution import Send, settle
@@ -47,6 +48,7 @@ def sweep(services: Services, now: datetime | None = None) -> dict[str, int]:
             "approvalsExpired": approvals,
             "requeued": sweep_lost_messages(services, session, now),
             "leasesExpired": sweep_dead_workers(services, session, now),
+            "slotsReconciled": concurrency.sweep_slots(services, session, now),
         }
     metrics.swept(counts)
     return counts
@@ -63,6 +65,7 @@ def sweep_timeouts(services: Services, session: Session, now: datetime) -> int:
         if run is not None and run.status in RUN_ACTIVE:
             count += move.end_run(session, run, R.TIMEOUT, now, error=move.RUN_TIMEOUT)
         session.commit()
+        outbox.flush(services, session)
         services.request_cancel(run_id)
     return count
 
@@ -82,6 +85,7 @@ def sweep_approvals(services: Services, session: Session, now: datetime) -> int:
             count += 1
         session.commit()
         _send(services, run, sends)
+        outbox.flush(services, session)
     return count
 
 
@@ -154,6 +158,7 @@ def sweep_dead_workers(services: Services, session: Session, now: datetime) -> i
         sends = _recover_lost_step(session, run, row, now)
         session.commit()
         _send(services, run, sends)
+        outbox.flush(services, session)
         count += 1
     return count
 

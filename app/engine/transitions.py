@@ -20,7 +20,7 @@ from app import events, metrics
 from app.engine import statements as sql
 from app.engine.states import RUN_TERMINAL, check_run_move, check_step_move, run_sources, step_sources
 from app.engine.types import Claim
-from app.timeutil import duration_ms
+from app.timeutil import duration_ms, utcnow
 from models import Run, StepRun
 from models.states import RunStatus, StepStatus
 
@@ -40,6 +40,11 @@ def move_run(session: Session, run: Run, to: RunStatus, **values: Any) -> bool:
     events.note_run(session, run)
     if to in RUN_TERMINAL:
         metrics.run_finished(session, run.workflow_id, to)
+        if run.slot is not None:
+            # Imported here: concurrency queues the steps of the runs it admits with this module.
+            from app.engine import concurrency
+
+            concurrency.release(session, run, values.get("completed_at") or utcnow())
     return True
 
 

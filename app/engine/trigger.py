@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from app import events, metrics
 from app.db import autocommit, count_statements
+from app.engine import concurrency, outbox
 from app.engine import statements as sql
 from app.engine.graph import graph
 from app.engine.reads import WorkflowRef, definition_for, workflow_ref
@@ -38,11 +39,12 @@ _INSERT_RUNS_AND_STEPS = text(
     WITH new_runs AS (
         INSERT INTO runs (id, company_id, workflow_key, workflow_id, workflow_version, status,
                           trigger_type, input, created_at, deadline_at, idempotency_key,
-                          idempotency_hash)
+                          idempotency_hash, concurrency_key, slot)
         SELECT t.id, :company_id, :workflow_key, :workflow_id, :version, :status, :trigger_type,
-               CAST(t.input AS jsonb), :now, :deadline, t.ikey, t.ihash
+               CAST(t.input AS jsonb), :now, :deadline, t.ikey, t.ihash, t.ckey,
+               CASE WHEN t.ckey IS NOT NULL THEN :waiting END
         FROM unnest(CAST(:ids AS text[]), CAST(:inputs AS text[]), CAST(:ikeys AS text[]),
-                    CAST(:ihashes AS text[])) AS t(id, input, ikey, ihash)
+                    CAST(:ihashes AS text[]), CAST(:ckeys AS text[])) AS t(id, input, ikey, ihash, ckey)
         RETURNING id
     )
     INSERT INTO step_runs (run_id, step_id, position, status, attempt, queued_at, reused)
@@ -107,6 +109,8 @@ def _remember(company_id: str, ref: WorkflowRef, definition: dict[str, Any]) -> 
         return
     if not graph(definition).linear:  # the planned statement queues the first step only
         return
+    if definition.get("concurrency") is not None:  # its runs wait for a slot (``concurrency``)
+        return
     if len(_plans) >= _MAX_PLANS:
         _plans.clear()
     _plans[(company_id, ref.id)] = _Plan(
@@ -160,9 +164,10 @@ def trigger_run(
         # The key goes in with the row (create_run sets it on the object too, which stays unsaved).
         if idempotency_key:
             run.idempotency_key, run.idempotency_hash = idempotency_key, fingerprint
-        starts = first_steps(definition)
+        starts = first_steps(definition) if run.concurrency_key is None else []
         insert_new_runs(session, [run], definition, run.created_at)
         events.note_created(session, run, [first_step_row(step_id) for step_id in starts])
+        concurrency.admit_new(session, [run], run.created_at)
         if not services.db.is_sqlite:
             _remember(company_id, ref, definition)
         return run, starts
@@ -279,6 +284,8 @@ class NewRun:
     duration_ms: int | None = None
     restarted_from_run_id: str | None = None
     restart_from_step_id: str | None = None
+    concurrency_key: str | None = None  # its group when the workflow limits concurrency
+    slot: str | None = None
 
 
 def new_run(
@@ -292,7 +299,10 @@ def new_run(
 ) -> NewRun:
     """A pending run of the workflow's current version, still to be inserted (insert_new_runs)."""
     timeout = definition.get("timeoutMs")
+    group = concurrency.group_of(definition, workflow.key, run_input)
     return NewRun(
+        concurrency_key=group,
+        slot=concurrency.WAITING if group is not None else None,
         id=run_id or new_id("run"),
         company_id=company_id,
         workflow_key=workflow.key,
@@ -338,6 +348,7 @@ def create_run(
             if idempotency_key:
                 run.idempotency_key, run.idempotency_hash = idempotency_key, fingerprint
             session.commit()
+            outbox.flush(services, session)
         except IntegrityError:
             # A concurrent request with the same Idempotency-Key won the insert.
             session.rollback()
@@ -404,7 +415,10 @@ def insert_run(
     ``reused`` and the rest still to run; with the ids of the steps it starts with (queued)."""
     now = utcnow()
     timeout = definition.get("timeoutMs")
+    group = concurrency.group_of(definition, workflow_key, run_input)
     run = Run(
+        concurrency_key=group,
+        slot=concurrency.WAITING if group is not None else None,
         id=new_id("run"),
         company_id=company_id,
         workflow_key=workflow_key,
@@ -423,13 +437,14 @@ def insert_run(
     shape = graph(definition)
     to_run = rerun if rerun is not None else set(range(start, len(shape.ids)))
     # Steps to run whose needs are all reused start at once (a chain: the restart step alone).
-    starts = {i for i in to_run if not set(shape.needs[i]) & to_run}
+    starts = {i for i in to_run if not set(shape.needs[i]) & to_run} if group is None else set()
     rows = [
         _step_row(run.id, index, step, index in starts, index not in to_run, now, reused)
         for index, step in enumerate(definition["steps"])
     ]
     session.execute(insert(StepRun), rows)
     events.note_created(session, run, rows)
+    concurrency.admit_new(session, [run], now)
     return run, [shape.ids[i] for i in sorted(starts)]
 
 
@@ -437,7 +452,9 @@ def insert_new_runs(session: Session, runs: list[NewRun], definition: dict[str, 
     """New runs of one workflow version (from :func:`new_run`) and all their steps, each run's first
     steps queued: one statement on PostgreSQL, no ORM flush."""
     shape = graph(definition)
-    step_ids, starts = list(shape.ids), list(shape.roots)
+    # A run of a workflow with a concurrency limit waits with nothing queued until admitted.
+    step_ids = list(shape.ids)
+    starts = list(shape.roots) if definition.get("concurrency") is None else []
     if session.get_bind().dialect.name != "postgresql":
         _insert_portable(session, runs, step_ids, starts, now)
         return
@@ -457,6 +474,8 @@ def insert_new_runs(session: Session, runs: list[NewRun], definition: dict[str, 
             "inputs": [json.dumps(run.input) for run in runs],
             "ikeys": [run.idempotency_key for run in runs],
             "ihashes": [run.idempotency_hash for run in runs],
+            "ckeys": [run.concurrency_key for run in runs],
+            "waiting": concurrency.WAITING,
             "queued": StepStatus.QUEUED.value,
             "pending": StepStatus.PENDING.value,
             "step_ids": step_ids,

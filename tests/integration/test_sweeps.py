@@ -30,6 +30,7 @@ from tests.integration.conftest import (
 )
 
 R, S = RunStatus, StepStatus
+SWEEP_KINDS = {"resent", "timedOut", "approvalsExpired", "requeued", "leasesExpired", "slotsReconciled"}
 LATER = timedelta(days=1)
 
 
@@ -393,9 +394,7 @@ def test_two_concurrent_full_sweeps_act_once(e: Engine) -> None:
     late = e.trigger(e.workflow(step("a"), timeoutMs=60_000))
     now = max(_lease(e, lost), e.run(late).deadline_at) + timedelta(seconds=1)
     results = in_threads(lambda: sweep(e.services, now), lambda: sweep(e.services, now))
-    assert all(
-        set(r) == {"resent", "timedOut", "approvalsExpired", "requeued", "leasesExpired"} for r in results
-    )
+    assert all(set(r) == SWEEP_KINDS for r in results)
     assert (e.step(lost, "a").status, e.step(lost, "a").attempt) == (S.QUEUED, 2)
     assert e.run(late).status == R.TIMEOUT
     assert len(e.attempts(lost)) == 1
@@ -447,7 +446,7 @@ def test_one_pass_runs_every_sweep(e: Engine) -> None:
     e.queue.take(stuck)
     now = max(e.run(timed_out).deadline_at, until, utcnow() + LEASE) + STUCK_AFTER
     counts = sweep(e.services, now)
-    assert set(counts) == {"resent", "timedOut", "approvalsExpired", "requeued", "leasesExpired"}
+    assert set(counts) == SWEEP_KINDS
     assert counts["timedOut"] >= 1 and counts["approvalsExpired"] >= 1 and counts["leasesExpired"] >= 1
     assert e.run(timed_out).status == R.TIMEOUT
     assert e.run(approval).status == R.FAILED
@@ -458,5 +457,5 @@ def test_one_pass_runs_every_sweep(e: Engine) -> None:
 def test_a_pass_with_the_default_clock_changes_nothing_current(e: Engine) -> None:
     run_id, _ = e.start(step("a"), timeoutMs=3_600_000)
     counts = sweep(e.services)
-    assert set(counts) == {"resent", "timedOut", "approvalsExpired", "requeued", "leasesExpired"}
+    assert set(counts) == SWEEP_KINDS
     assert e.run(run_id).status == R.RUNNING and e.step(run_id, "a").status == S.RUNNING

@@ -1,0 +1,154 @@
+"""Concurrency keys: a workflow's ``concurrency: {"key": "{{ input.customerId }}", "limit": 1}``.
+
+Runs of one key (without ``key``: of the workflow) hold at most ``limit`` slots. Every new run of
+such a workflow is inserted ``waiting`` (pending, no step queued) and then admitted in the same
+transaction if a slot is free and no earlier run of its key waits: runs start in arrival order, and
+the others wait ``pending`` until a slot frees.
+
+A slot is a column of the run's own row (``runs.slot``: waiting, held or NULL), written in the
+transaction of the run's own moves: the move that ends a run (completed, failed, cancelled, timed
+out, whoever makes it) frees its slot and admits the next waiting run in the same commit, so no
+crash of a worker or a scheduler can lose a slot or leave one held. Moves of one key's slots are
+serialized by a transaction-scoped advisory lock on the key (SQLite serializes every writer).
+``sweep_slots`` reconciles anyway: a slot on a run that has ended is freed, and a key with waiting
+runs and free slots admits them (a new version that raised the limit, say).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, text, update
+from sqlalchemy.orm import Session
+
+from app import templating
+from app.engine import outbox
+from app.engine import transitions as move
+from app.engine.graph import graph
+from app.engine.reads import current_step_runs, definition_for
+from app.engine.states import RUN_TERMINAL, STEP_FINISHED, reusable
+from app.errors import ValidationError
+from models import Run
+from models.states import StepStatus
+
+WAITING, HELD = "waiting", "held"
+_MAX_KEY = 200  # a longer rendered key is stored as its SHA-256
+_BATCH = 500
+
+
+def group_of(definition: dict[str, Any], workflow_key: str, run_input: Any) -> str | None:
+    """The run's concurrency group (its workflow and rendered key), or None without a limit.
+    A key that does not render is the trigger's 400."""
+    spec = definition.get("concurrency")
+    if spec is None:
+        return None
+    template = spec.get("key")
+    if template is None:
+        return f"{workflow_key}:"
+    try:
+        value = templating.render(template, {"input": run_input}, "concurrency.key")
+    except templating.TemplateError as exc:
+        raise ValidationError(
+            f"concurrency.key could not be rendered: {exc}", details={"concurrency.key": [str(exc)]}
+        ) from exc
+    key = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    if len(key) > _MAX_KEY:
+        key = "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+    return f"{workflow_key}:{key}"
+
+
+def _lock(session: Session, group: str) -> None:
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:g, 0))"), {"g": group})
+
+
+def admit(session: Session, group: str, now: datetime) -> int:
+    """Waiting runs of ``group`` take the free slots, oldest first; each one's steps that can
+    start are queued, their messages sent after the commit. The number admitted."""
+    _lock(session, group)
+    held = session.execute(
+        select(func.count()).select_from(Run).where(Run.concurrency_key == group, Run.slot == HELD)
+    ).scalar_one()
+    admitted = 0
+    while True:
+        oldest = session.execute(
+            select(Run)
+            .where(Run.concurrency_key == group, Run.slot == WAITING)
+            .order_by(Run.created_at, Run.id)
+            .limit(1)
+        ).scalar_one_or_none()
+        if oldest is None:
+            return admitted
+        definition = definition_for(session, oldest.workflow_key, oldest.workflow_version)
+        if held >= (definition.get("concurrency") or {}).get("limit", 1):
+            return admitted
+        _set_slot(session, oldest.id, HELD)
+        for step_id in startable(session, oldest.id, definition):
+            if move.queue_pending(session, oldest.id, step_id, now):
+                outbox.note_send(session, oldest.id, step_id, 1, oldest.company_id)
+        held += 1
+        admitted += 1
+
+
+def admit_new(session: Session, runs: list[Any], now: datetime) -> None:
+    """After new runs were inserted waiting (and their creation noted): admit each one's group."""
+    for group in sorted({run.concurrency_key for run in runs if run.concurrency_key is not None}):
+        admit(session, group, now)
+
+
+def startable(session: Session, run_id: str, definition: dict[str, Any]) -> list[str]:
+    """The run's pending steps whose needs are all met (a new run: its first steps; a restart:
+    the steps it re-runs first)."""
+    shape = graph(definition)
+    rows = current_step_runs(session, run_id)
+    met = {r.position for r in rows if r.status in STEP_FINISHED and reusable(r.status, r.duration_ms)}
+    return [
+        r.step_id
+        for r in rows
+        if r.status == StepStatus.PENDING and all(p in met for p in shape.needs[r.position])
+    ]
+
+
+def release(session: Session, run: Run, now: datetime) -> None:
+    """The run ended (called by the move that ended it): its slot, or its place in the queue, is
+    freed and the next waiting runs of its key are admitted."""
+    if run.concurrency_key is None or run.slot is None:
+        return
+    _set_slot(session, run.id, None)
+    run.slot = None
+    admit(session, run.concurrency_key, now)
+
+
+def _set_slot(session: Session, run_id: str, slot: str | None) -> None:
+    session.execute(
+        update(Run).where(Run.id == run_id).values(slot=slot).execution_options(synchronize_session=False)
+    )
+
+
+def sweep_slots(services: Any, session: Session, now: datetime) -> int:
+    """Reconcile: slots of runs that ended are freed, keys with waiting runs admit into free slots.
+    The number of runs admitted or freed."""
+    ended = list(
+        session.execute(
+            update(Run)
+            .where(Run.slot.is_not(None), Run.status.in_(sorted(RUN_TERMINAL)))
+            .values(slot=None)
+            .returning(Run.concurrency_key)
+            .execution_options(synchronize_session=False)
+        ).scalars()
+    )
+    groups = set(ended)
+    count = len(ended)
+    waiting = session.execute(
+        select(Run.concurrency_key).where(Run.slot == WAITING).group_by(Run.concurrency_key).limit(_BATCH)
+    ).scalars()
+    groups.update(waiting)
+    session.commit()
+    for group in sorted(g for g in groups if g is not None):
+        count += admit(session, group, now)
+        session.commit()
+        outbox.flush(services, session)
+    return count
