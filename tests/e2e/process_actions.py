@@ -21,3 +21,12 @@ def sleep(ctx: ActionContext, params: Any) -> dict[str, float]:
     """A slow step whose worker stays alive."""
     time.sleep(float(params["seconds"]))
     return {"slept": params["seconds"]}
+
+
+@action("test.kill-first-attempt")
+def kill_first_attempt(ctx: ActionContext, params: Any) -> dict[str, int]:
+    """With ``{"kill": true}``, the first attempt's worker process dies at once; later attempts
+    (and runs without it) succeed."""
+    if params.get("kill") and ctx.attempt == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"attempt": ctx.attempt}

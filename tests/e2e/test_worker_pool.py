@@ -317,3 +317,44 @@ def test_leases_recover_a_dead_workers_step_and_spare_a_slow_one(
     assert done["status"] == "completed", done
     assert done["output"] == {"slept": 60}
     assert [(a["attempt"], a["status"]) for a in _logs(client, headers, done["id"])] == [(1, "success")]
+
+
+def test_a_killed_worker_loses_no_concurrency_slot(
+    start_pool, sweeper, pool_services, make_workflow, wait_run, client, headers
+):
+    """Three runs of one key with limit 1; the first one's worker process is SIGKILLed in its
+    step: its lease expires, the step runs again, the run completes and frees its slot, and the
+    two waiting runs follow, one at a time, in arrival order. No slot is left held or waiting."""
+    import tests.e2e.process_actions  # noqa: F401  (the API validates action names)
+    from models import Run
+
+    retry = {"maxAttempts": 2, "initialDelayMs": 0, "maxDelayMs": 0}
+    wid = make_workflow(
+        [
+            {
+                "id": "work",
+                "action": "test.kill-first-attempt",
+                "input": {"kill": "{{ input.kill }}"},
+                "retry": retry,
+            }
+        ],
+        concurrency={"key": "{{ input.customerId }}", "limit": 1},
+    )
+    pool = start_pool("-p", "2", "-t", "2", env={"BATON_ACTION_MODULES": "tests.e2e.process_actions"})
+    pool.ready_children(2)
+    ids = []
+    for kill in (True, False, False):
+        body = {"input": {"customerId": "same", "kill": kill}}
+        response = client.post(f"/api/v1/workflows/{wid}/runs", json=body, headers=headers)
+        assert response.status_code == 202
+        ids.append(response.get_json()["data"]["id"])
+    runs = [wait_run(run_id, timeout=90) for run_id in ids]
+    assert [r["status"] for r in runs] == ["completed"] * 3, runs
+    assert [r["stepResults"][0]["attempt"] for r in runs] == [2, 1, 1], "the first run's worker died once"
+    assert "was killed by SIGKILL" in pool.text()
+    starts = [r["stepResults"][0]["startedAt"] for r in runs]
+    ends = [r["stepResults"][0]["completedAt"] for r in runs]
+    assert starts[1] >= ends[0] and starts[2] >= ends[1], "one at a time, in arrival order"
+    with pool_services.db.session() as session:
+        left = session.query(Run).filter(Run.id.in_(ids), Run.slot.is_not(None)).count()
+    assert left == 0
