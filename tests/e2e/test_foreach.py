@@ -13,8 +13,12 @@ from typing import Any
 
 import pytest
 
+from app.definition import validate_definition
+from tests import factories
 from tests.e2e.test_auth_errors import assert_error
 from tests.spec_shapes import STEP_KEYS
+from workers import executor
+from workers.middleware import LeaseHeartbeat, StepTimeLimit
 
 FAST_RETRY = {"maxAttempts": 3, "backoff": "fixed", "initialDelayMs": 10, "maxDelayMs": 10}
 
@@ -308,9 +312,42 @@ def test_bad_for_each_fields_are_refused_naming_the_field(client, headers, step,
     assert hint in error["details"][f"steps.0.{field}"][0], error
 
 
-def test_a_step_without_for_each_stores_no_new_fields(client, headers):
-    body = {"name": "plain", "steps": [{"id": "s", "action": "transform"}]}
-    created = client.post("/api/v1/workflows", json=body, headers=headers).get_json()["data"]
-    step = created["definition"]["steps"][0] if "definition" in created else None
-    if step is not None:
-        assert "forEach" not in step and "maxParallel" not in step
+def test_a_step_without_for_each_stores_no_new_fields():
+    import workers.actions  # noqa: F401  (registers the built-in actions the validation names)
+
+    step = validate_definition({"name": "plain", "steps": [{"id": "s", "action": "transform"}]})["steps"][0]
+    assert "forEach" not in step and "maxParallel" not in step
+    fan = {"id": "s", "action": "transform", "forEach": "{{ input.orders }}"}
+    assert "maxParallel" not in validate_definition({"name": "fan", "steps": [fan]})["steps"][0]
+
+
+class RecordingLeases(LeaseHeartbeat):
+    """The real heartbeat (nothing started), noting each time the executor holds a step's lease."""
+
+    def __init__(self, services: Any) -> None:
+        super().__init__(services)
+        self.holds: list[tuple[str, float]] = []
+
+    def hold(self, claim: Any) -> None:
+        self.holds.append((claim.step_id, time.monotonic()))
+        super().hold(claim)
+
+
+def test_a_long_fan_out_holds_its_lease_again_as_its_items_progress(
+    services, client, headers, target, make_workflow
+):
+    """The heartbeat caps a lease at timeoutMs + LEASE_GRACE after the step was last held: the
+    fan-out holds it again as items progress, so the cap counts from the latest progress."""
+    target.delay_s = 0.3
+    wid = make_workflow([{**_call(target.url, maxParallel=1, timeoutMs=1000), "id": "call"}])
+    with services.db.session() as session:
+        run_id = factories.run(session, wid, "pending", input={"orders": [1, 2, 3, 4]}).id
+        session.commit()
+    leases = RecordingLeases(services)
+    executor.execute_step(services, leases, StepTimeLimit(), run_id, "call", 1)
+
+    data = client.get(f"/api/v1/runs/{run_id}", headers=headers).get_json()["data"]
+    assert data["status"] == "completed", data["stepResults"]
+    assert [step for step, _ in leases.holds][:1] == ["call"]  # the claim's own hold, then progress
+    assert len(leases.holds) >= 3, leases.holds
+    assert leases.held() == []  # released when the step was recorded
