@@ -161,6 +161,9 @@ class RunLogs(MethodView):
             run = engine.get_run(session, context.company_id(), _run_id(run_id))
             attempts = engine.step_attempts(session, run.id)
             running = [r for r in engine.step_runs(session, run.id) if r.status == StepStatus.RUNNING]
+        # By step, then in the order written: a forEach step's item attempts (written as they end,
+        # whatever their attempt numbers) come before the step's own entry, as for any other step.
+        attempts.sort(key=lambda a: (a.position, a.id))
         logs = [step_view(a) for a in attempts] + [step_view(r) for r in running]
         return ok(
             {

@@ -62,6 +62,8 @@ class ActionContext:
     timeout_s: float
     started_at: datetime | None = None
     config: Config | None = None  # the process's settings (outbound policy, limits)
+    # A ``forEach`` step's item (its position in the list); ``attempt`` is then the item's attempt.
+    item_index: int | None = None
 
 
 def action(name: str, *, pure: bool = False) -> Callable[[ActionFunc], ActionFunc]:

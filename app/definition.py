@@ -14,6 +14,10 @@ from app.errors import ValidationError as BatonValidationError
 STEP_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\Z")
 DEFAULT_STEP_TIMEOUT_MS = 300_000
 MAX_DELAY_MS = 7 * 24 * 3600 * 1000 - 1  # the Redis broker refuses delays of 7 days or more
+# forEach: items of one step run at most this many at a time (each holds a thread of its worker).
+MAX_PARALLEL = 100
+DEFAULT_MAX_PARALLEL = 10
+FOR_EACH_HINT = 'forEach must be a template string that renders to a list, e.g. "{{ input.orders }}"'
 
 
 class AnyJSON(fields.Raw):
@@ -52,6 +56,23 @@ class StepSchema(Schema):
     )
     # Absent: the step before it (the first step: none); [] runs it as soon as the run starts.
     needs = fields.List(fields.String(), validate=validate.Length(max=200))
+    # Fan-out: the step runs once per item of the list this template renders to (no default is
+    # stored: a step without forEach keeps its exact stored form).
+    forEach = fields.String(error_messages={"invalid": FOR_EACH_HINT})
+    maxParallel = fields.Integer(validate=validate.Range(1, MAX_PARALLEL), strict=True)
+
+    @validates("forEach")
+    def _for_each(self, value: str, **_: Any) -> None:
+        if not templating.has_template(value):
+            raise ValidationError(FOR_EACH_HINT)
+        for _path, message in templating.check_syntax(value):
+            raise ValidationError(message)
+
+    @validates_schema
+    def _max_parallel(self, data: dict[str, Any], **_: Any) -> None:
+        if "maxParallel" in data and "forEach" not in data:
+            message = "maxParallel needs forEach (it bounds how many items run at once)"
+            raise ValidationError(message, "maxParallel")
 
     @validates("id")
     def _id(self, value: str, **_: Any) -> None:

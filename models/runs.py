@@ -137,3 +137,5 @@ class StepAttempt(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     duration_ms: Mapped[int | None] = mapped_column(Integer)
+    # A forEach step's item (its position in the list) for an item's attempt; null for a step's own.
+    item_index: Mapped[int | None] = mapped_column(Integer)

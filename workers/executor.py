@@ -22,6 +22,7 @@ from app.errors import is_transient
 from app.services import Services
 from app.timeutil import duration_ms, utcnow
 from models.states import StepStatus
+from workers import foreach
 from workers.middleware import LeaseHeartbeat, StepTimeLimit, StepTimeout
 
 logger = logging.getLogger("baton.worker")
@@ -32,14 +33,28 @@ T = TypeVar("T")
 PERSIST_FOR_S = 120.0  # how long a held step's record is retried through an outage
 
 
-def run_action(claim: Claim, step_input: Any, config: Config | None = None) -> Any:
-    """Call the step's action (the caller holds the step's time limit); errors are ``StepError``."""
+def run_action(
+    claim: Claim,
+    step_input: Any,
+    config: Config | None = None,
+    *,
+    attempt: int | None = None,
+    item_index: int | None = None,
+) -> Any:
+    """Call the step's action (the caller holds the step's time limit); errors are ``StepError``.
+    A ``forEach`` item passes its index and its own attempt number."""
     step = claim.step
     func = get_action(step["action"])
     if func is None:
         raise StepError("UNKNOWN_ACTION", f"Unknown action {step['action']!r}")
     ctx = ActionContext(
-        claim.run_id, claim.step_id, claim.attempt, step["timeoutMs"] / 1000, claim.started_at, config
+        claim.run_id,
+        claim.step_id,
+        attempt or claim.attempt,
+        step["timeoutMs"] / 1000,
+        claim.started_at,
+        config,
+        item_index,
     )
     return func(ctx, step_input)
 
@@ -49,9 +64,10 @@ def execute(
     time_limit: StepTimeLimit,
     config: Config | None = None,
     secrets: dict[str, str] | None = None,
+    host: foreach.Host | None = None,
 ) -> Outcome:
-    """Evaluate ``if``, render and run the action, all within the step's ``timeoutMs``; never
-    raises for a step failure."""
+    """Evaluate ``if``, render and run the action, all within the step's ``timeoutMs`` (a
+    ``forEach`` step's: each item within it); never raises for a step failure."""
     started = utcnow()
     if claim.waited_since is not None:
         # A delay that is now due: it completes without running anything.
@@ -60,6 +76,12 @@ def execute(
     token = time_limit.arm(claim.step["timeoutMs"] / 1000)
     acting, step_input = False, None
     try:
+        if "forEach" in claim.step:
+            items = _render_items(claim, started, secrets)
+            if isinstance(items, Outcome):
+                return items
+            time_limit.disarm(token)  # each item runs within the step's timeoutMs, not the lot
+            return _fan_out(claim, items, started, time_limit, config, secrets or {}, host or foreach.Host())
         rendered = _render(claim, started, secrets)
         if isinstance(rendered, Outcome):
             return rendered
@@ -79,24 +101,105 @@ def execute(
 
 def _render(claim: Claim, started: Any, secrets: dict[str, str] | None = None) -> Any:
     """The step's rendered input, or the Outcome that ends it here (``if`` false, template error)."""
-    step, context = claim.step, claim.step_context()
-    if secrets:
-        context["secrets"] = secrets
+    step, context = claim.step, _context(claim, secrets)
     try:
         if "if" in step and not templating.truthy(step["if"], context):
             return Outcome(S.SKIPPED, started_at=started)
         return templating.render(step.get("input", {}), context, "input")
     except templating.TemplateError as exc:
-        return Outcome(S.ERROR, error={"code": "TEMPLATE_ERROR", "message": str(exc)}, started_at=started)
+        return _template_error(str(exc), started)
     except (RecursionError, MemoryError, OverflowError) as exc:
-        message = f"Template could not be rendered: {type(exc).__name__}"
-        return Outcome(S.ERROR, error={"code": "TEMPLATE_ERROR", "message": message}, started_at=started)
+        return _template_error(f"Template could not be rendered: {type(exc).__name__}", started)
 
 
-def _act(claim: Claim, step_input: Any, started: Any, config: Config | None) -> Outcome:
+def _context(claim: Claim, secrets: dict[str, str] | None) -> dict[str, Any]:
+    """What the step's templates see: the steps it needs (``Claim.step_context``), its secrets."""
+    context = claim.step_context()
+    if secrets:
+        context["secrets"] = secrets
+    return context
+
+
+def _template_error(message: str, started: Any) -> Outcome:
+    return Outcome(S.ERROR, error={"code": "TEMPLATE_ERROR", "message": message}, started_at=started)
+
+
+def _render_items(claim: Claim, started: Any, secrets: dict[str, str] | None) -> Any:
+    """A ``forEach`` step's items (its ``if`` is evaluated once, before), or the Outcome that ends
+    it here (``if`` false, template error, not a list)."""
+    step, context = claim.step, _context(claim, secrets)
+    try:
+        if "if" in step and not templating.truthy(step["if"], context):
+            return Outcome(S.SKIPPED, started_at=started)
+        items = templating.render(step["forEach"], context, "forEach")
+    except templating.TemplateError as exc:
+        return _template_error(str(exc), started)
+    except (RecursionError, MemoryError, OverflowError) as exc:
+        return _template_error(f"Template could not be rendered: {type(exc).__name__}", started)
+    error = foreach.items_error(items)
+    if error is not None:
+        return Outcome(S.ERROR, input={"forEach": items}, error=error, started_at=started)
+    return items
+
+
+def _fan_out(
+    claim: Claim,
+    items: list[Any],
+    started: Any,
+    time_limit: StepTimeLimit,
+    config: Config | None,
+    secrets: dict[str, str],
+    host: foreach.Host,
+) -> Outcome:
+    """Run the step once per item (``item`` and ``index`` in its templates), each attempt of each
+    item within the step's ``timeoutMs``, in the item's thread."""
+    context = _context(claim, secrets)
+    timeout_ms = claim.step["timeoutMs"]
+
+    def attempt(index: int, number: int, item: Any) -> Outcome:
+        began = utcnow()
+        token = time_limit.arm(timeout_ms / 1000)
+        acting, step_input = False, None
+        try:
+            item_context = {**context, "item": item, "index": index}
+            try:
+                step_input = templating.render(claim.step.get("input", {}), item_context, "input")
+            except templating.TemplateError as exc:
+                return _template_error(str(exc), began)
+            except (RecursionError, MemoryError, OverflowError) as exc:
+                return _template_error(f"Template could not be rendered: {type(exc).__name__}", began)
+            acting = True
+            outcome = _act(claim, step_input, began, config, attempt=number, item_index=index)
+        except StepTimeout:
+            if not acting:
+                return _template_error(f"Rendering took longer than the step's {timeout_ms} ms", began)
+            message = (
+                f"forEach item {index} of step {claim.step_id!r} exceeded its timeout of {timeout_ms} ms"
+            )
+            error = {"code": "STEP_TIMEOUT", "message": message}
+            return Outcome(S.ERROR, input=step_input, error=error, retriable=True, started_at=began)
+        finally:
+            time_limit.disarm(token)
+        if outcome.status == S.WAITING:  # a delay or an approval: a step may wait, an item cannot
+            error = {"code": foreach.FOREACH_ERROR, "message": f"Action {claim.step['action']!r} waits"}
+            return Outcome(S.ERROR, input=step_input, error=error, started_at=began)
+        return outcome
+
+    return foreach.fan_out(claim, items, attempt, host, secrets, started)
+
+
+def _act(
+    claim: Claim,
+    step_input: Any,
+    started: Any,
+    config: Config | None,
+    *,
+    attempt: int | None = None,
+    item_index: int | None = None,
+) -> Outcome:
     """Run the action on the rendered input: its output, a park, or its error."""
     try:
-        result = run_action(claim, step_input, config)
+        result = run_action(claim, step_input, config, attempt=attempt, item_index=item_index)
         if isinstance(result, Park):
             return Outcome(S.WAITING, input=step_input, started_at=started, park=result)
         output = templating.to_json(result)
@@ -243,7 +346,8 @@ def run_chain(
             values = step_secrets(services, claim)
             if values:
                 logs.redact_in_context(redaction.forms(values.values()))
-            outcome = redact(claim, execute(claim, time_limit, services.config, values), values)
+            host = foreach.Host(services, leases)
+            outcome = redact(claim, execute(claim, time_limit, services.config, values, host), values)
             outcome.completed_at = outcome.completed_at or utcnow()
             if deferred and outcome.status not in (S.SUCCESS, S.SKIPPED):
                 engine.commit_claim(claim)  # retries, failures and parks take the general way

@@ -42,6 +42,12 @@ class StepResultSchema(Schema):
     error = fields.Nested(RunErrorSchema, allow_none=True)
     attempt = fields.Integer()
     reused = fields.Boolean(metadata={"description": "Present (true) on steps copied from the original run"})
+    index = fields.Integer(
+        metadata={
+            "description": "Logs only, present on a forEach item's attempt: the item's position in the "
+            "list (attempt is then the item's attempt); the step's own entry follows its items"
+        }
+    )
 
 
 class RunDetailSchema(Schema):
@@ -209,4 +215,7 @@ def step_view(row: Any) -> dict[str, Any]:
     }
     if getattr(row, "reused", False):
         view["reused"] = True  # only on copied steps, so ordinary results keep the spec's exact shape
+    index = getattr(row, "item_index", None)
+    if index is not None:
+        view["index"] = index  # only on forEach items' attempts, for the same reason
     return view

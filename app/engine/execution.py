@@ -99,8 +99,9 @@ def _claim_locked(
 
 
 def is_pure(step: dict[str, Any]) -> bool:
-    """A step whose claim may wait for its result's commit (``hotpath.claim_queued``)."""
-    return actions.is_pure(step["action"])
+    """A step whose claim may wait for its result's commit (``hotpath.claim_queued``); never a
+    ``forEach`` step (it runs long, logs its items' attempts as it goes and holds its lease)."""
+    return actions.is_pure(step["action"]) and "forEach" not in step
 
 
 def release_claim(services: Services, claim: Claim) -> None:

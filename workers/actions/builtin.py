@@ -29,13 +29,16 @@ def _retry_after_ms(value: str | None) -> int | None:
 
 
 def idempotency_key(ctx: ActionContext, option: Any) -> str | None:
-    """The step's ``Idempotency-Key``: ``<run id>:<step id>`` unless the step's ``idempotencyKey``
-    gives its own (a string, after templating) or ``false`` (none). One value for every attempt of
-    the step, so a service that honours the header (Stripe-style) acts once however often the step
-    is retried; a restart is a new run, so its re-executed steps get new keys."""
+    """The step's ``Idempotency-Key``: ``<run id>:<step id>`` (a ``forEach`` item's:
+    ``<run id>:<step id>:<index>``) unless the step's ``idempotencyKey`` gives its own (a string,
+    after templating, which sees ``item`` and ``index``) or ``false`` (none). One value for every
+    attempt of the step (of the item), so a service that honours the header (Stripe-style) acts once
+    however often it is retried; a restart is a new run, so its re-executed steps get new keys."""
     if option is False:
         return None
     if option is True or option is None:
+        if ctx.item_index is not None:
+            return f"{ctx.run_id}:{ctx.step_id}:{ctx.item_index}"
         return f"{ctx.run_id}:{ctx.step_id}"
     if isinstance(option, (int, float)) and not isinstance(option, bool):
         option = str(option)
