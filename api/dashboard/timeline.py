@@ -74,7 +74,8 @@ def _spans(step_rows: list[Any], attempts: list[Any], now: datetime) -> dict[str
     """Per step: its attempts as (row, end), the attempt in progress ending now."""
     spans: dict[str, list[tuple[Any, datetime]]] = {}
     for a in attempts:
-        if a.started_at is not None:
+        # A forEach item's attempts are in the logs; the waterfall draws the step's own attempt.
+        if a.started_at is not None and getattr(a, "item_index", None) is None:
             spans.setdefault(a.step_id, []).append((a, a.completed_at or a.started_at))
     for r in step_rows:
         if str(r.status) in OPEN and r.started_at is not None and not r.reused:

@@ -64,6 +64,19 @@ def test_reused_steps_draw_no_bar_on_the_new_runs_axis() -> None:
     assert [(bar.left, bar.width) for bar in laid.rows[1].bars] == [(0.0, 100.0)]
 
 
+def test_a_fan_out_step_draws_its_own_attempt_not_each_item() -> None:
+    run = SimpleNamespace(started_at=_at(0), created_at=_at(0), completed_at=_at(1000))
+    items = [
+        SimpleNamespace(**vars(_attempt("fan", 1, "success", i * 10, i * 10 + 5)), item_index=i)
+        for i in range(3)
+    ]
+    attempts = [*items, _attempt("fan", 1, "success", 0, 1000)]
+    laid = timeline.build(
+        run, [_row("fan", "success", 1)], attempts, [{"id": "fan", "action": "http.request"}]
+    )
+    assert [(bar.left, bar.width) for bar in laid.rows[0].bars] == [(0.0, 100.0)]
+
+
 def test_durations_read_as_people_write_them() -> None:
     assert [timeline.human_ms(v) for v in (None, 5, 999, 1500, 61_000, 3_723_000)] == [
         "–",
