@@ -6,6 +6,7 @@ Run from the repository root with the project's virtualenv:
     .venv/bin/python scripts/chaos.py --quick      # CI: ~80 runs, 20 s of faults, under 3 minutes
     .venv/bin/python scripts/chaos.py              # 500 runs x 5 steps, 60 s of faults
     .venv/bin/python scripts/chaos.py --kill-for 0 --no-redis-restart --no-pg-restart   # no faults
+    .venv/bin/python scripts/chaos.py --quick --shape dag   # parallel steps and concurrency keys
 
 Everything it uses is its own: a PostgreSQL cluster made with ``pg_createcluster`` (trust auth on
 127.0.0.1 only, a spare port), a Redis server on a spare port without persistence, ``baton api``,
@@ -13,7 +14,10 @@ Everything it uses is its own: a PostgreSQL cluster made with ``pg_createcluster
 HTTP target served from a thread on 127.0.0.1 (``/count/<run>/<step>`` counts executions,
 ``/flaky/<run>/<step>`` answers 503 to about 30 % of the requests, at most twice in a row for a
 step, so its retry policy always gets through). The workflow's steps cycle through
-transform, http.request (count), http.request (flaky, retried) and delay.
+transform, http.request (count), http.request (flaky, retried) and delay. With ``--shape dag`` they
+form diamonds (s1 → s2, s3 → s4 → s5, s6 → s7 …, each join needing both branches) and the workflow
+has a concurrency key (``input.n`` modulo 10, limit 2): then no concurrency slot may be left held
+or waiting, and no key may ever have had more than 2 runs executing at once.
 
 While the runs are being triggered (over the first three quarters of the fault window; each trigger
 carries an Idempotency-Key and is retried on connection errors and 5xx), it SIGKILLs a random child
@@ -96,6 +100,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-redis-restart", action="store_true", help="do not restart Redis")
     parser.add_argument("--no-pg-restart", action="store_true", help="do not restart PostgreSQL")
     parser.add_argument("--quick", action="store_true", help="short version for CI (under 3 minutes)")
+    parser.add_argument(
+        "--shape",
+        choices=("chain", "dag"),
+        default="chain",
+        help="chain: each step needs the one before; dag: diamonds of parallel steps, and a concurrency key",
+    )
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else FULL
     for name, value in defaults.items():
@@ -367,7 +377,19 @@ def _handler(target: Target) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def workflow_definition(steps: int, target_url: str) -> dict[str, Any]:
+CONCURRENCY = {"key": "{{ input.n % 10 }}", "limit": 2}  # --shape dag
+
+
+def dag_needs(index: int) -> list[str]:
+    """Diamonds: s1 is the root; s(3g+2) and s(3g+3) need s(3g+1); s(3g+4) needs both."""
+    if index == 0:
+        return []
+    if index % 3 == 0:
+        return [f"s{index - 1}", f"s{index}"]
+    return [f"s{index - index % 3 + 1}"]
+
+
+def workflow_definition(steps: int, target_url: str, shape: str = "chain") -> dict[str, Any]:
     """M steps cycling through transform, http.request, flaky http.request with retry, delay."""
     definition = []
     for index in range(steps):
@@ -389,9 +411,14 @@ def workflow_definition(steps: int, target_url: str) -> dict[str, Any]:
                     "initialDelayMs": 200,
                     "maxDelayMs": 2000,
                 }
+        if shape == "dag":
+            step["needs"] = dag_needs(index)
         definition.append({"id": step_id, **step})
     output = {"runId": "{{ run.id }}", "n": "{{ input.n }}", "steps": steps}
-    return {"name": "chaos", "steps": definition, "output": output}
+    workflow = {"name": "chaos", "steps": definition, "output": output}
+    if shape == "dag":
+        workflow["concurrency"] = CONCURRENCY
+    return workflow
 
 
 # --------------------------------------------------------------------------- triggers
@@ -646,7 +673,7 @@ class Chaos:
         assert self.baton is not None and self.target is not None
         response = requests.post(
             self.baton.api_url + "/api/v1/workflows",
-            json=workflow_definition(self.args.steps, self.target.url),
+            json=workflow_definition(self.args.steps, self.target.url, self.args.shape),
             headers={"x-api-key": self.key},
             timeout=15,
         )
@@ -898,7 +925,17 @@ def run_figures(conn: psycopg.Connection) -> dict[str, Any]:
         "SELECT coalesce(error->>'code', '-') || ': ' || coalesce(error->>'message', ''), count(*)"
         " FROM runs WHERE status IN ('failed', 'timeout') GROUP BY 1 ORDER BY 2 DESC LIMIT 10"
     ).fetchall()
+    slots_left = conn.execute("SELECT count(*) FROM runs WHERE slot IS NOT NULL").fetchone()[0]
+    # Runs that started while `limit` others of their key were executing (none may).
+    over_limit = conn.execute(
+        "SELECT count(*) FROM runs AS a WHERE a.concurrency_key IS NOT NULL AND a.started_at IS NOT NULL"
+        " AND (SELECT count(*) FROM runs AS b WHERE b.concurrency_key = a.concurrency_key AND b.id <> a.id"
+        " AND b.started_at <= a.started_at AND b.completed_at > a.started_at) >= %s",
+        (CONCURRENCY["limit"],),
+    ).fetchone()[0]
     return {
+        "concurrencySlotsLeft": slots_left,
+        "concurrencyOverLimit": over_limit,
         "runsInDatabase": sum(by_status.values()),
         "runsByStatus": by_status,
         "runsNotFinal": len(stuck),
@@ -985,6 +1022,8 @@ def verdict(figures: dict[str, Any]) -> list[str]:
         ("duplicateSuccessRecords", "duplicate success records"),
         ("completedWithoutOutput", "completed runs without output"),
         ("workerPoolExits", "worker pool exits"),
+        ("concurrencySlotsLeft", "concurrency slots left held or waiting"),
+        ("concurrencyOverLimit", "runs started over their key's concurrency limit"),
     ):
         if figures[key]:
             problems.append(f"{figures[key]} {what}")
