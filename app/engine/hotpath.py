@@ -285,7 +285,8 @@ def claim_queued(
         tx.note_step(claim, events.step_data(run_id, step_id, S.RUNNING, attempt, now, error=error))
         if started:
             tx.note_run(claim, events.run_payload(run_id, workflow_id, R.RUNNING, now))
-        if defer(claim.step):
+        # A DAG's step records through the run's lock (``execution.settle``): its claim commits first.
+        if defer(claim.step) and graph(found).linear:
             claim.tx, tx = tx, None
             return claim
         tx.commit()

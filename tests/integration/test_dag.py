@@ -268,3 +268,18 @@ def test_restart_from_a_step_needs_results_for_what_it_does_not_rerun(e: Engine)
     original = failed_diamond(e)
     with pytest.raises(InvalidStep, match="Step b has no result to reuse"):
         engine.plan_restart(e.services, e.company_id, original, mode="restart", from_step_id="c")
+
+
+def test_a_dag_s_pure_step_is_claimed_in_a_committed_transaction(e: Engine) -> None:
+    """A chain's pure step may keep its claim open until its result; a DAG's records through the
+    run's lock after its claim committed (so a failed record cannot roll the claim back unseen)."""
+    chain = e.trigger(e.workflow(step("a"), step("b")))
+    take(e, chain)
+    held = engine.claim_step(e.services, chain, "a", 1, defer_pure=True)
+    assert held is not None and held.tx is not None
+    engine.abandon_claim(held)
+    run_id = e.trigger(e.workflow(*diamond()))
+    take(e, run_id)
+    claimed = engine.claim_step(e.services, run_id, "a", 1, defer_pure=True)
+    assert claimed is not None and claimed.tx is None
+    assert e.step(run_id, "a").status == S.RUNNING
