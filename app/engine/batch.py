@@ -14,8 +14,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import events, metrics
-from app.engine import concurrency, outbox
+from app.engine import outbox
 from app.engine import statements as sql
+from app.engine import transitions as move
 from app.engine.reads import definition_for, workflow_ref
 from app.engine.states import STUCK_AFTER
 from app.engine.trigger import (
@@ -129,7 +130,7 @@ def _insert(
             first = [first_step_row(step_id) for step_id in starts]
             for run in runs:
                 events.note_created(session, run, first)
-            concurrency.admit_new(session, runs, now)
+            move.admit_new(session, runs, now)
         session.commit()
         outbox.flush(services, session)
     return decided, [(run.id, step_id, 1, company_id) for run in runs for step_id in starts]

@@ -10,7 +10,8 @@ transaction of the run's own moves: the move that ends a run (completed, failed,
 out, whoever makes it) frees its slot and admits the next waiting run in the same commit, so no
 crash of a worker or a scheduler can lose a slot or leave one held. Moves of one key's slots are
 serialized by a transaction-scoped advisory lock on the key (SQLite serializes every writer).
-``sweep_slots`` reconciles anyway: a slot on a run that has ended is freed, and a key with waiting
+This module keeps the slots; ``transitions.admit`` queues the steps of the runs it admits, and
+``sweeps.sweep_slots`` reconciles anyway: a slot on a run that has ended is freed, and a key with waiting
 runs and free slots admits them (a new version that raised the limit, say).
 """
 
@@ -18,15 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from app import templating
-from app.engine import outbox
-from app.engine import transitions as move
 from app.engine.graph import graph
 from app.engine.reads import current_step_runs, definition_for
 from app.engine.states import RUN_TERMINAL, STEP_FINISHED, reusable
@@ -65,38 +64,38 @@ def _lock(session: Session, group: str) -> None:
         session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:g, 0))"), {"g": group})
 
 
-def admit(session: Session, group: str, now: datetime) -> int:
-    """Waiting runs of ``group`` take the free slots, oldest first; each one's steps that can
-    start are queued, their messages sent after the commit. The number admitted."""
+@dataclass(frozen=True)
+class Admitted:
+    """A waiting run that took a slot: the steps it starts with are to be queued."""
+
+    run_id: str
+    company_id: str
+    step_ids: list[str]
+
+
+def admissions(session: Session, group: str) -> list[Admitted]:
+    """Waiting runs of ``group`` take the free slots, oldest first (under the key's lock); the
+    caller (``transitions.admit``) queues the steps each one starts with."""
     _lock(session, group)
     held = session.execute(
         select(func.count()).select_from(Run).where(Run.concurrency_key == group, Run.slot == HELD)
     ).scalar_one()
-    admitted = 0
+    admitted: list[Admitted] = []
     while True:
         oldest = session.execute(
-            select(Run)
+            select(Run.id, Run.company_id, Run.workflow_key, Run.workflow_version)
             .where(Run.concurrency_key == group, Run.slot == WAITING)
             .order_by(Run.created_at, Run.id)
             .limit(1)
-        ).scalar_one_or_none()
+        ).one_or_none()
         if oldest is None:
             return admitted
         definition = definition_for(session, oldest.workflow_key, oldest.workflow_version)
         if held >= (definition.get("concurrency") or {}).get("limit", 1):
             return admitted
         _set_slot(session, oldest.id, HELD)
-        for step_id in startable(session, oldest.id, definition):
-            if move.queue_pending(session, oldest.id, step_id, now):
-                outbox.note_send(session, oldest.id, step_id, 1, oldest.company_id)
+        admitted.append(Admitted(oldest.id, oldest.company_id, startable(session, oldest.id, definition)))
         held += 1
-        admitted += 1
-
-
-def admit_new(session: Session, runs: list[Any], now: datetime) -> None:
-    """After new runs were inserted waiting (and their creation noted): admit each one's group."""
-    for group in sorted({run.concurrency_key for run in runs if run.concurrency_key is not None}):
-        admit(session, group, now)
 
 
 def startable(session: Session, run_id: str, definition: dict[str, Any]) -> list[str]:
@@ -112,25 +111,18 @@ def startable(session: Session, run_id: str, definition: dict[str, Any]) -> list
     ]
 
 
-def release(session: Session, run: Run, now: datetime) -> None:
-    """The run ended (called by the move that ended it): its slot, or its place in the queue, is
-    freed and the next waiting runs of its key are admitted."""
+def free(session: Session, run: Run) -> str | None:
+    """The run ended: its slot, or its place in the queue, is freed. Its group, to admit into."""
     if run.concurrency_key is None or run.slot is None:
-        return
+        return None
     _set_slot(session, run.id, None)
     run.slot = None
-    admit(session, run.concurrency_key, now)
+    return run.concurrency_key
 
 
-def _set_slot(session: Session, run_id: str, slot: str | None) -> None:
-    session.execute(
-        update(Run).where(Run.id == run_id).values(slot=slot).execution_options(synchronize_session=False)
-    )
-
-
-def sweep_slots(services: Any, session: Session, now: datetime) -> int:
-    """Reconcile: slots of runs that ended are freed, keys with waiting runs admit into free slots.
-    The number of runs admitted or freed."""
+def free_ended(session: Session) -> tuple[int, set[str]]:
+    """Reconcile: slots left on runs that ended are freed. How many, and the groups to admit into
+    (with every group that has waiting runs)."""
     ended = list(
         session.execute(
             update(Run)
@@ -140,15 +132,13 @@ def sweep_slots(services: Any, session: Session, now: datetime) -> int:
             .execution_options(synchronize_session=False)
         ).scalars()
     )
-    groups = set(ended)
-    count = len(ended)
     waiting = session.execute(
         select(Run.concurrency_key).where(Run.slot == WAITING).group_by(Run.concurrency_key).limit(_BATCH)
     ).scalars()
-    groups.update(waiting)
-    session.commit()
-    for group in sorted(g for g in groups if g is not None):
-        count += admit(session, group, now)
-        session.commit()
-        outbox.flush(services, session)
-    return count
+    return len(ended), {g for g in (*ended, *waiting) if g is not None}
+
+
+def _set_slot(session: Session, run_id: str, slot: str | None) -> None:
+    session.execute(
+        update(Run).where(Run.id == run_id).values(slot=slot).execution_options(synchronize_session=False)
+    )

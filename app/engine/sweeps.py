@@ -48,7 +48,7 @@ def sweep(services: Services, now: datetime | None = None) -> dict[str, int]:
             "approvalsExpired": approvals,
             "requeued": sweep_lost_messages(services, session, now),
             "leasesExpired": sweep_dead_workers(services, session, now),
-            "slotsReconciled": concurrency.sweep_slots(services, session, now),
+            "slotsReconciled": sweep_slots(services, session, now),
         }
     metrics.swept(counts)
     return counts
@@ -85,6 +85,19 @@ def sweep_approvals(services: Services, session: Session, now: datetime) -> int:
             count += 1
         session.commit()
         _send(services, run, sends)
+        outbox.flush(services, session)
+    return count
+
+
+def sweep_slots(services: Services, session: Session, now: datetime) -> int:
+    """Concurrency slots reconciled: a slot left on a run that ended is freed, and every group with
+    waiting runs admits into its free slots (a new version that raised the limit, say). Each group
+    commits apart. How many slots were freed and runs admitted."""
+    count, groups = concurrency.free_ended(session)
+    session.commit()
+    for group in sorted(groups):
+        count += move.admit(session, group, now)
+        session.commit()
         outbox.flush(services, session)
     return count
 

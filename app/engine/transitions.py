@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from app import events, metrics
+from app.engine import concurrency, outbox
 from app.engine import statements as sql
 from app.engine.states import RUN_TERMINAL, check_run_move, check_step_move, run_sources, step_sources
 from app.engine.types import Claim
@@ -40,12 +41,27 @@ def move_run(session: Session, run: Run, to: RunStatus, **values: Any) -> bool:
     events.note_run(session, run)
     if to in RUN_TERMINAL:
         metrics.run_finished(session, run.workflow_id, to)
-        if run.slot is not None:
-            # Imported here: concurrency queues the steps of the runs it admits with this module.
-            from app.engine import concurrency
-
-            concurrency.release(session, run, values.get("completed_at") or utcnow())
+        group = concurrency.free(session, run)
+        if group is not None:
+            admit(session, group, values.get("completed_at") or utcnow())
     return True
+
+
+def admit(session: Session, group: str, now: datetime) -> int:
+    """Waiting runs of a concurrency group take its free slots, oldest first; the steps each one
+    starts with are queued, their messages sent after the caller's commit (``outbox``)."""
+    admitted = concurrency.admissions(session, group)
+    for run in admitted:
+        for step_id in run.step_ids:
+            if queue_pending(session, run.run_id, step_id, now):
+                outbox.note_send(session, run.run_id, step_id, 1, run.company_id)
+    return len(admitted)
+
+
+def admit_new(session: Session, runs: list[Any], now: datetime) -> None:
+    """New runs inserted waiting (their creation noted): each one's group admits what it can."""
+    for group in sorted({run.concurrency_key for run in runs if run.concurrency_key is not None}):
+        admit(session, group, now)
 
 
 def start_run(session: Session, run: Run, now: datetime) -> bool:

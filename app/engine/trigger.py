@@ -20,6 +20,7 @@ from app import events, metrics
 from app.db import autocommit, count_statements
 from app.engine import concurrency, outbox
 from app.engine import statements as sql
+from app.engine import transitions as move
 from app.engine.graph import graph
 from app.engine.reads import WorkflowRef, definition_for, workflow_ref
 from app.engine.states import STUCK_AFTER
@@ -167,7 +168,7 @@ def trigger_run(
         starts = first_steps(definition) if run.concurrency_key is None else []
         insert_new_runs(session, [run], definition, run.created_at)
         events.note_created(session, run, [first_step_row(step_id) for step_id in starts])
-        concurrency.admit_new(session, [run], run.created_at)
+        move.admit_new(session, [run], run.created_at)
         if not services.db.is_sqlite:
             _remember(company_id, ref, definition)
         return run, starts
@@ -444,7 +445,7 @@ def insert_run(
     ]
     session.execute(insert(StepRun), rows)
     events.note_created(session, run, rows)
-    concurrency.admit_new(session, [run], now)
+    move.admit_new(session, [run], now)
     return run, [shape.ids[i] for i in sorted(starts)]
 
 

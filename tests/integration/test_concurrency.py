@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
-from app.engine import concurrency, sweeps, trigger_batch
+from app.engine import sweeps, trigger_batch
 from app.errors import ValidationError
 from app.timeutil import utcnow
 from models import Run
@@ -127,7 +127,7 @@ def test_the_sweep_reconciles_a_slot_left_on_an_ended_run(e: Engine) -> None:
         session.commit()
     assert sent(e, waiting) == []
     with e.services.db.session() as session:
-        assert concurrency.sweep_slots(e.services, session, utcnow()) >= 2
+        assert sweeps.sweep_slots(e.services, session, utcnow()) >= 2
     assert slot(e, holder) is None and sent(e, waiting) == ["a"]
 
 
