@@ -112,9 +112,7 @@ class ListRoute:
         logs.bind(company_id=principal.company_id)
         headers: dict[str, str] = {}
         try:
-            if self.limiter is not None:
-                self.limiter.hit_request_limits(ratelimit.key_client(api_key))
-            status, body = 200, self._page(principal.company_id, params)
+            status, body = 200, self._page(api_key, principal.company_id, params)
         except Exception as exc:  # as Flask's error handlers answer it
             error = error_for(exc)
             status, body, headers = error.status, error.to_dict(), error.headers
@@ -191,10 +189,23 @@ class ListRoute:
             params["cursorAt"] = from_epoch_ms(ts)
         return params
 
-    def _page(self, company_id: str, params: dict[str, Any]) -> dict[str, Any]:
-        """The spec's list envelope: one page of the company's runs, newest first."""
-        sql = statement(frozenset(params))
-        params["company"] = company_id
+    def _page(self, api_key: str, company_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        """The spec's list envelope: one page of the company's runs, newest first. The rate limit's
+        counters are sent first and read after the query: one wait for both round trips (each wait
+        is a wake-up that queues for a core on a busy machine)."""
+        limited = (
+            self.limiter.start_request_limits(ratelimit.key_client(api_key)) if self.limiter else None
+        )
+        try:
+            rows = self._rows(statement(frozenset(params)), dict(params, company=company_id))
+        finally:
+            if limited is not None:
+                limited()  # RateLimited past the key's budget: the page read is dropped
+        rows, page_meta = meta(rows, params["rows"] - 1)
+        return ok([run_summary(r) for r in rows], page_meta)
+
+    def _rows(self, sql: str, params: dict[str, Any]) -> list[Any]:
+        """The statement's rows, on the driver's own connection in autocommit: one round trip."""
         try:
             pooled = self.services.db.engine.raw_connection()
         except psycopg.Error as exc:
@@ -203,7 +214,7 @@ class ListRoute:
             conn = pooled.driver_connection
             with autocommit(conn), conn.cursor(row_factory=namedtuple_row) as cursor:
                 count_statements()  # sent on the driver's connection, past the engine's counter
-                rows = cursor.execute(sql, params).fetchall()
+                return cursor.execute(sql, params).fetchall()
         except psycopg.Error as exc:
             # As SQLAlchemy would raise it (an outage is then a 503).
             if conn.closed or conn.broken:
@@ -211,9 +222,6 @@ class ListRoute:
             raise DBAPIError.instance(sql, params, exc, psycopg.Error) from exc
         finally:
             pooled.close()
-        limit = params["rows"] - 1
-        rows, page_meta = meta(rows, limit)
-        return ok([run_summary(r) for r in rows], page_meta)
 
 
 def install(app: Flask) -> None:

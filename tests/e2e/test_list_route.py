@@ -5,6 +5,7 @@ latency metric and key revocation unchanged."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 from datetime import timedelta
 from typing import Any
@@ -15,10 +16,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from werkzeug.test import Client
 
 from api.list_route import ListRoute
-from app import keys
+from app import db, keys
 from app.factory import create_app
 from app.keys import RUNS_READ, RUNS_WRITE
-from tests.conftest import new_key, wait_for
+from tests.conftest import DEAD_REDIS_URL, new_key, wait_for
 from tests.e2e.test_pagination import BASE, Tenant, insert_rows, make_tenant, run_row
 from tests.e2e.test_trigger_route import new_key_with
 
@@ -179,6 +180,28 @@ def test_the_rate_limit_is_the_keys_budget_on_every_route(config, services):
     assert client.get("/api/v1/workflows", headers=key).status_code == 429, "one budget for all routes"
     other = {"x-api-key": new_key(services)}
     assert client.get("/api/v1/runs", headers=other).status_code == 200, "per key"
+
+
+def test_a_refused_key_costs_no_query_until_its_window_frees_a_request(config, services):
+    changed = config.with_overrides(rate_limit="1/day")
+    client = create_app(changed, dataclasses.replace(services, config=changed)).test_client()
+    key = {"x-api-key": new_key(services)}
+    assert client.get("/api/v1/runs", headers=key).status_code == 200
+    assert client.get("/api/v1/runs", headers=key).status_code == 429
+    sent = db.statements_executed()
+    again = client.get("/api/v1/runs", headers=key)
+    assert again.status_code == 429 and 1 <= int(again.headers["Retry-After"]) <= 24 * 3600
+    assert db.statements_executed() == sent, "no page read for a key known to be over its budget"
+
+
+def test_the_list_fails_open_when_the_limits_redis_is_down(config, services, caplog):
+    changed = config.with_overrides(rate_limit="1/day", redis_url=DEAD_REDIS_URL)
+    client = create_app(changed, dataclasses.replace(services, config=changed)).test_client()
+    key = {"x-api-key": new_key(services)}
+    with caplog.at_level(logging.WARNING, logger="baton.ratelimit"):
+        statuses = [client.get("/api/v1/runs", headers=key).status_code for _ in range(3)]
+    assert statuses == [200, 200, 200]
+    assert any("not enforced" in r.getMessage() for r in caplog.records)
 
 
 def test_the_latency_metric_names_the_route_as_flask_does(client, tenant):
