@@ -62,6 +62,10 @@ def tenant(services: Any, app: Any) -> Tenant:
         row["trigger_type"] = rng.choice(TRIGGERS)
         if row["status"] == "failed" and index % 2:
             row["error"] = {"code": "HTTP_ERROR", "message": "échec \u2028 <b>\"quoted\"</b>", "extra": 1}
+        elif row["status"] == "failed" and index % 3:
+            row["error"] = {"code": 5, "message": None}  # shown as strings, null kept
+        elif index % 31 == 0:
+            row["error"] = ["not", "an", "object"] if index % 2 else "text"  # shown as null
         rows.append(row)
         if index % 9:
             at += timedelta(milliseconds=rng.randint(1, 90_000))
@@ -119,6 +123,23 @@ def test_the_answer_is_the_flask_views_byte_for_byte(app, client, tenant):
     errors = [r["error"] for r in failed["data"]]
     shown = {"code": "HTTP_ERROR", "message": "échec \u2028 <b>\"quoted\"</b>"}
     assert shown in errors, "code and message only"
+
+
+def test_a_page_postgresql_would_escape_otherwise_is_rendered_here(app, services):
+    """Ids are ASCII in practice; one that is not (or holds DEL, which only Python escapes) makes
+    the page's entries rendered from plain columns, still byte for byte Flask's."""
+    tenant = make_tenant(services, app)
+    odd = [
+        run_row(tenant, BASE + timedelta(seconds=i), tenant.workflows[0], "completed") for i in range(3)
+    ]
+    odd[0]["id"], odd[1]["id"] = "run_caf\u00e9", "run_del\x7fete"
+    insert_rows(services, tenant, odd)
+    for query in ("", "limit=1", "limit=2"):
+        fast = _fast_only(app).get(f"/api/v1/runs?{query}", headers=_headers(tenant))
+        slow = _flask_only(app).get(f"/api/v1/runs?{query}", headers=_headers(tenant))
+        assert fast.status_code == slow.status_code == 200
+        assert fast.data == slow.data, query
+    assert "run_del\x7fete" in [r["id"] for r in fast.get_json()["data"]], "the last page had one"
 
 
 def test_refusals_and_unusual_queries_are_flasks_own_answers(app, client, services, tenant):
