@@ -212,9 +212,7 @@ class ListRoute:
         """The spec's list envelope as JSON text: one page of the company's runs, newest first.
         The rate limit's counters are sent first and read after the query: one wait for both
         round trips (each wait is a wake-up that queues for a core on a busy machine)."""
-        limited = (
-            self.limiter.start_request_limits(ratelimit.key_client(api_key)) if self.limiter else None
-        )
+        limited = self.limiter.start_request_limits(ratelimit.key_client(api_key)) if self.limiter else None
         present = frozenset(params)
         params = dict(params, company=company_id)
         try:

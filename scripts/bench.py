@@ -668,6 +668,7 @@ class Bench:
         self.bare_broker: Any = None
         self.services: Any = None  # the bench's own Baton services, for in-process triggers
         self.tap: TriggerTap | None = None
+        self.reused: dict[str, str] | None = None  # --list-reuse: the earlier seed's workflows
 
     # ----------------------------------------------------------------- setup
 
@@ -689,7 +690,8 @@ class Bench:
         log("migrating (baton db upgrade)")
         self._baton("db", "upgrade")
         self.probe = Probe(self.db_url)
-        if self.reused_seed() is None:
+        self.reused = self.reused_seed()
+        if self.reused is None:
             tables = [
                 r[0]
                 for r in self.probe.all(
@@ -1480,11 +1482,15 @@ class Bench:
         assert self.probe is not None
         if not self.args.list_reuse or self.args.phases != {"list"}:
             return None
-        found = self.probe.all(
-            "SELECT w.name, w.id, (SELECT count(*) FROM runs r WHERE r.workflow_key = w.key) "
-            "FROM workflows w JOIN companies c ON c.id = w.company_id "
-            "WHERE c.name = 'bench' AND w.name LIKE 'bench-list-_' AND w.deleted_at IS NULL"
-        ) if self.probe.one("SELECT to_regclass('runs')")[0] else []
+        found = (
+            self.probe.all(
+                "SELECT w.name, w.id, (SELECT count(*) FROM runs r WHERE r.workflow_key = w.key) "
+                "FROM workflows w JOIN companies c ON c.id = w.company_id "
+                "WHERE c.name = 'bench' AND w.name LIKE 'bench-list-_' AND w.deleted_at IS NULL"
+            )
+            if self.probe.one("SELECT to_regclass('runs')")[0]
+            else []
+        )
         workflows = {name[-1]: workflow_id for name, workflow_id, _ in found}
         if sorted(workflows) != ["a", "b", "c"] or sum(n for _, _, n in found) < self.args.list_runs:
             log("--list-reuse: no earlier seed of that size here; emptying and seeding")
@@ -1493,10 +1499,9 @@ class Bench:
 
     def seed(self, count: int) -> dict[str, str]:
         assert self.probe is not None
-        reused = self.reused_seed()
-        if reused is not None:
+        if self.reused is not None:
             log(f"--list-reuse: keeping the runs seeded by an earlier run (at least {count:,})")
-            return reused
+            return self.reused
         workflows = {name: self.api.create_workflow(f"bench-list-{name}", 1) for name in ("a", "b", "c")}
         # Runs belong to a workflow row (its key); the public id may be reused once deleted.
         keys = {

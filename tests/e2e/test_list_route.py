@@ -61,7 +61,7 @@ def tenant(services: Any, app: Any) -> Tenant:
         row = run_row(tenant, at, rng.choice(tenant.workflows), rng.choice(STATUSES))
         row["trigger_type"] = rng.choice(TRIGGERS)
         if row["status"] == "failed" and index % 2:
-            row["error"] = {"code": "HTTP_ERROR", "message": "échec \u2028 <b>\"quoted\"</b>", "extra": 1}
+            row["error"] = {"code": "HTTP_ERROR", "message": 'échec \u2028 <b>"quoted"</b>', "extra": 1}
         elif row["status"] == "failed" and index % 3:
             row["error"] = {"code": 5, "message": None}  # shown as strings, null kept
         elif index % 31 == 0:
@@ -121,7 +121,7 @@ def test_the_answer_is_the_flask_views_byte_for_byte(app, client, tenant):
         assert fast.data.endswith(b"}\n")
     failed = fast_only.get("/api/v1/runs?status=failed&limit=100", headers=_headers(tenant)).get_json()
     errors = [r["error"] for r in failed["data"]]
-    shown = {"code": "HTTP_ERROR", "message": "échec \u2028 <b>\"quoted\"</b>"}
+    shown = {"code": "HTTP_ERROR", "message": 'échec \u2028 <b>"quoted"</b>'}
     assert shown in errors, "code and message only"
 
 
@@ -129,9 +129,7 @@ def test_a_page_postgresql_would_escape_otherwise_is_rendered_here(app, services
     """Ids are ASCII in practice; one that is not (or holds DEL, which only Python escapes) makes
     the page's entries rendered from plain columns, still byte for byte Flask's."""
     tenant = make_tenant(services, app)
-    odd = [
-        run_row(tenant, BASE + timedelta(seconds=i), tenant.workflows[0], "completed") for i in range(3)
-    ]
+    odd = [run_row(tenant, BASE + timedelta(seconds=i), tenant.workflows[0], "completed") for i in range(3)]
     odd[0]["id"], odd[1]["id"] = "run_caf\u00e9", "run_del\x7fete"
     insert_rows(services, tenant, odd)
     for query in ("", "limit=1", "limit=2"):
