@@ -13,12 +13,14 @@ from urllib.parse import urlencode
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import select
 from werkzeug.test import Client
 
 from api.list_route import ListRoute
 from app import db, keys
 from app.factory import create_app
 from app.keys import RUNS_READ, RUNS_WRITE
+from models import ApiKey
 from tests.conftest import DEAD_REDIS_URL, new_key, wait_for
 from tests.e2e.test_pagination import BASE, Tenant, insert_rows, make_tenant, run_row
 from tests.e2e.test_trigger_route import new_key_with
@@ -255,3 +257,24 @@ def test_a_revoked_key_is_refused_once_its_verification_expires(client, services
         what="the revoked key refused",
     )
     assert refused.get_json()["error"]["code"] == "UNAUTHORIZED"
+
+
+def test_a_key_checked_by_the_list_gets_its_last_use_recorded(client, services):
+    key = new_key_with(services, [RUNS_READ])
+    prefix = key.split("_")[1]
+
+    def last_used() -> Any:
+        with services.db.session() as session:
+            return next(k for k in keys.list_keys(session, _company(session, prefix)) if k.prefix == prefix)
+
+    assert last_used().last_used_at is None
+    assert client.get("/api/v1/runs", headers={"x-api-key": key}).status_code == 200
+    assert last_used().last_used_at is not None
+    keys._verified.clear()  # the next request checks the key's row again: no second write
+    before = last_used().last_used_at
+    assert client.get("/api/v1/runs", headers={"x-api-key": key}).status_code == 200
+    assert last_used().last_used_at == before
+
+
+def _company(session: Any, prefix: str) -> str:
+    return session.execute(select(ApiKey.company_id).where(ApiKey.prefix == prefix)).scalar_one()
