@@ -108,7 +108,7 @@ class FailOpenLimiter(Limiter):
         storage = self.limiter.storage
         if (
             not self.enabled
-            or not isinstance(storage, RedisStorage)
+            or type(storage) is not RedisStorage  # not its cluster and sentinel variants
             or type(self.limiter) is not FixedWindowRateLimiter
             or self._refused.get(client, 0.0) > time.monotonic()
         ):
