@@ -129,7 +129,9 @@ def create_app(config: Config | None = None, services: Services | None = None) -
     ratelimit.init_app(app, config)
     app.register_error_handler(BatonError, _handle_baton_error)
     app.register_error_handler(Exception, _handle_unexpected)
-    from api import trigger_route
+    from api import list_route, trigger_route
 
-    trigger_route.install(app)  # last: it answers its route before the rest of the app
+    # Last: each answers its route's common case before the rest of the app.
+    list_route.install(app)
+    trigger_route.install(app)
     return app

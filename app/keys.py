@@ -7,13 +7,14 @@ import hmac
 import secrets
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from app.db import Database, autocommit, count_statements
 from app.errors import NotFound, ValidationError
 from app.ids import new_short_id
 from app.timeutil import utcnow
@@ -119,6 +120,46 @@ def verified(key: str) -> Principal | None:
 
 def authenticate(session: Session, key: str | None) -> Principal | None:
     """The principal of a valid, unrevoked key; None otherwise (constant-time comparison)."""
+    return _verify(key, lambda key: _authenticate(session, key))
+
+
+def authenticate_on(db: Database, key: str | None) -> Principal | None:
+    """``authenticate`` for a request path that holds no ORM session: the key's row is read in one
+    autocommit statement on the driver's connection (one round trip instead of BEGIN, SELECT and
+    ROLLBACK); a session, and its commit, only when ``lastUsedAt`` is due (once a minute)."""
+    return _verify(key, lambda key: _authenticate_row(db, key))
+
+
+_KEY_ROW = "SELECT id, company_id, hash, scopes, revoked_at, last_used_at FROM api_keys WHERE prefix = %s"
+
+
+def _authenticate_row(db: Database, key: str) -> Principal | None:
+    prefix = key[len(KEY_PREFIX) :].split("_", 1)[0]
+    pooled = db.engine.raw_connection()
+    try:
+        conn = pooled.driver_connection
+        with autocommit(conn):
+            count_statements()  # sent on the driver's connection, past the engine's counter
+            row = conn.execute(_KEY_ROW, (prefix,)).fetchone()
+    except Exception:
+        if conn.closed or conn.broken:
+            pooled.invalidate()
+        raise
+    finally:
+        pooled.close()
+    if row is None:
+        return None
+    key_id, company_id, digest, scopes, revoked_at, last_used_at = row
+    if revoked_at is not None or not hmac.compare_digest(digest, _digest(key)):
+        return None
+    if last_used_at is None or utcnow() - last_used_at > _LAST_USED_RESOLUTION:
+        with db.session() as session:
+            return _authenticate(session, key)
+    return Principal(company_id, key_id, frozenset(s for s in scopes.split(",") if s))
+
+
+def _verify(key: str | None, check: Callable[[str], Principal | None]) -> Principal | None:
+    """The cached principal of ``key``, else ``check``'s answer (cached when it is a principal)."""
     if not key or not key.startswith(KEY_PREFIX) or len(key) > 200 or not key.isprintable():
         return None
     digest = _digest(key)
@@ -135,7 +176,7 @@ def authenticate(session: Session, key: str | None) -> Principal | None:
         cached = _verified.get(digest)
         if cached is not None and cached[1] > time.monotonic():
             return cached[0]
-        principal = _authenticate(session, key)
+        principal = check(key)
         if principal is not None:
             if len(_verified) > 10_000:
                 _verified.clear()

@@ -9,12 +9,16 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, current_app, request
 from flask_limiter import Limiter, RateLimitExceeded
 from flask_limiter.util import get_remote_address
 from limits import RateLimitItem, parse, parse_many
+from limits.storage import RedisStorage
+from limits.strategies import FixedWindowRateLimiter
+from redis.exceptions import NoScriptError
 
 from app.config import Config
 from app.errors import RateLimited
@@ -57,6 +61,12 @@ class FailOpenLimiter(Limiter):
     webhook_limit: RateLimitItem | None = None
     # The per-request limits (BATON_RATE_LIMIT), as ``hit_request_limits`` counts them.
     request_limits: list[RateLimitItem] = []
+    # Clients refused recently, until their window frees a request (``start_request_limits``).
+    _refused: dict[str, float]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._refused = {}
 
     def check(self, item: RateLimitItem | None, *key: str) -> None:
         """Hit one limit by hand (outside the per-request ones); fails open like them."""
@@ -87,6 +97,78 @@ class FailOpenLimiter(Limiter):
             return
         if waits:
             raise RateLimited(headers={"Retry-After": str(max(waits))})
+
+    def start_request_limits(self, client: str) -> Callable[[], None]:
+        """``hit_request_limits`` in two halves, for a route whose own round trip (a read-only
+        query) can overlap the counters': the increments are sent now without waiting, and the
+        returned callable reads them, raising RateLimited past any limit (fails open like it).
+        The counters and their Lua script are Flask-Limiter's own (fixed window on Redis); on any
+        other storage, and for a client refused less than a window ago (so a client over its
+        budget costs no query), the check is made here, in full, before returning."""
+        storage = self.limiter.storage
+        if (
+            not self.enabled
+            or type(storage) is not RedisStorage  # not its cluster and sentinel variants
+            or type(self.limiter) is not FixedWindowRateLimiter
+            or self._refused.get(client, 0.0) > time.monotonic()
+        ):
+            self._hit_noting_refusal(client)
+            return _nothing
+        key = (client, APPLICATION_SCOPE)
+        script = storage.lua_incr_expire
+        pool = script.registered_client.connection_pool
+        try:
+            conn = pool.get_connection()
+        except Exception as exc:
+            self._warn(exc)
+            return _nothing
+        try:
+            for item in self.request_limits:
+                counter = storage.prefixed_key(item.key_for(self._key_prefix, *key))
+                conn.send_command("EVALSHA", script.sha, 1, counter, item.get_expiry(), 1)
+        except Exception as exc:
+            conn.disconnect()
+            pool.release(conn)
+            self._warn(exc)
+            return _nothing
+
+        def finish() -> None:
+            counts: list[int] = []
+            try:
+                for _ in self.request_limits:
+                    counts.append(int(conn.read_response()))
+            except NoScriptError:  # the server lost the script (restart, SCRIPT FLUSH): nothing counted
+                conn.disconnect()
+                pool.release(conn)
+                self._hit_noting_refusal(client)
+                return
+            except Exception as exc:
+                conn.disconnect()
+                pool.release(conn)
+                self._warn(exc)
+                return
+            pool.release(conn)
+            breached = [item for item, n in zip(self.request_limits, counts, strict=True) if n > item.amount]
+            if breached:
+                self._refuse(client, [self._wait_s(item, *key) for item in breached])
+
+        return finish
+
+    def _hit_noting_refusal(self, client: str) -> None:
+        try:
+            self.hit_request_limits(client)
+        except RateLimited as exc:
+            self._refused_until(client, int(exc.headers["Retry-After"]))
+            raise
+
+    def _refuse(self, client: str, waits: list[int]) -> None:
+        self._refused_until(client, max(waits))
+        raise RateLimited(headers={"Retry-After": str(max(waits))})
+
+    def _refused_until(self, client: str, wait_s: int) -> None:
+        if len(self._refused) > 10_000:
+            self._refused.clear()
+        self._refused[client] = time.monotonic() + wait_s
 
     def _wait_s(self, item: RateLimitItem, *key: str) -> int:
         """Seconds until the window of a breached limit frees a request (at least 1)."""
@@ -136,6 +218,10 @@ def init_app(app: Flask, config: Config) -> Limiter:
     limiter.request_limits = parse_many(config.rate_limit)
     app.extensions[EXTENSION] = limiter
     return limiter
+
+
+def _nothing() -> None:
+    """The second half of a check already made in full."""
 
 
 def check_webhook(workflow_id: str) -> None:

@@ -668,6 +668,7 @@ class Bench:
         self.bare_broker: Any = None
         self.services: Any = None  # the bench's own Baton services, for in-process triggers
         self.tap: TriggerTap | None = None
+        self.reused: dict[str, str] | None = None  # --list-reuse: the earlier seed's workflows
 
     # ----------------------------------------------------------------- setup
 
@@ -689,16 +690,18 @@ class Bench:
         log("migrating (baton db upgrade)")
         self._baton("db", "upgrade")
         self.probe = Probe(self.db_url)
-        tables = [
-            r[0]
-            for r in self.probe.all(
-                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() "
-                "AND tablename <> 'alembic_version'"
+        self.reused = self.reused_seed()
+        if self.reused is None:
+            tables = [
+                r[0]
+                for r in self.probe.all(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() "
+                    "AND tablename <> 'alembic_version'"
+                )
+            ]
+            self.probe.conn.execute(
+                sql.SQL("TRUNCATE {} CASCADE").format(sql.SQL(", ").join(map(sql.Identifier, tables)))
             )
-        ]
-        self.probe.conn.execute(
-            sql.SQL("TRUNCATE {} CASCADE").format(sql.SQL(", ").join(map(sql.Identifier, tables)))
-        )
         key = self._baton("keys", "create", "--company", "bench").strip()
         if not key.startswith("bk_") or "\n" in key:
             raise BenchError(f"baton keys create printed something unexpected: {key[:80]!r}")
@@ -1472,8 +1475,33 @@ class Bench:
 
     # ----------------------------------------------------------------- 5. GET /runs
 
+    def reused_seed(self) -> dict[str, str] | None:
+        """With ``--list-reuse`` (list phase only): the seeded workflows of an earlier run of the
+        list phase on this database, when the bench company still has at least ``--list-runs`` runs
+        of them; None means the database is emptied and seeded as usual."""
+        assert self.probe is not None
+        if not self.args.list_reuse or self.args.phases != {"list"}:
+            return None
+        found = (
+            self.probe.all(
+                "SELECT w.name, w.id, (SELECT count(*) FROM runs r WHERE r.workflow_key = w.key) "
+                "FROM workflows w JOIN companies c ON c.id = w.company_id "
+                "WHERE c.name = 'bench' AND w.name LIKE 'bench-list-_' AND w.deleted_at IS NULL"
+            )
+            if self.probe.one("SELECT to_regclass('runs')")[0]
+            else []
+        )
+        workflows = {name[-1]: workflow_id for name, workflow_id, _ in found}
+        if sorted(workflows) != ["a", "b", "c"] or sum(n for _, _, n in found) < self.args.list_runs:
+            log("--list-reuse: no earlier seed of that size here; emptying and seeding")
+            return None
+        return workflows
+
     def seed(self, count: int) -> dict[str, str]:
         assert self.probe is not None
+        if self.reused is not None:
+            log(f"--list-reuse: keeping the runs seeded by an earlier run (at least {count:,})")
+            return self.reused
         workflows = {name: self.api.create_workflow(f"bench-list-{name}", 1) for name in ("a", "b", "c")}
         # Runs belong to a workflow row (its key); the public id may be reused once deleted.
         keys = {
@@ -1999,6 +2027,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="steps/s of workload A running while GET /runs is timed (default: half the in-process A "
         f"rate measured in this run, else {DEFAULT_LIST_LOAD:.0f}; 0: at idle)",
+    )
+    parser.add_argument(
+        "--list-reuse",
+        action="store_true",
+        help="with --phases list only: keep the database's runs when an earlier list phase seeded at "
+        "least --list-runs of them (no emptying, no seeding); figures then include the runs earlier "
+        "loads added",
     )
     parser.add_argument("--processes", type=int, default=2, help="worker processes (Baton and bare)")
     parser.add_argument("--threads", type=int, default=8, help="threads per worker process")
