@@ -43,8 +43,7 @@ from api.schemas.common import ok
 from api.schemas.runs import ListRunsQuerySchema
 from app import keys, logs, metrics, ratelimit
 from app.db import autocommit, count_statements
-from app.errors import ValidationError
-from app.factory import error_for
+from app.errors import ValidationError, error_for
 from app.ids import WORKFLOW_ID
 from app.timeutil import from_epoch_ms
 from models import RUN_STATUSES, TRIGGER_TYPES

@@ -33,7 +33,7 @@ from api.schemas.workflows import CALLER_TRIGGER_TYPES
 from api.workflows import REPLAY_HEADERS, replay_view
 from app import engine, keys, logs, metrics, ratelimit
 from app.engine.trigger import NewRun
-from app.factory import error_for
+from app.errors import error_for
 from app.timeutil import iso
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]

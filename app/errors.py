@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+logger = logging.getLogger("baton.api")
 
 
 class BatonError(Exception):
@@ -100,3 +103,22 @@ def is_transient(exc: BaseException) -> bool:
             redis.TimeoutError,
         ),
     )
+
+
+def error_for(error: Exception) -> BatonError:
+    """The Baton error an unexpected exception is answered with (logged here when it is a fault):
+    shared by the Flask app and the WSGI fast paths in front of it."""
+    from sqlalchemy.exc import DataError
+
+    if isinstance(error, BatonError):
+        return error
+    if isinstance(error, DataError):
+        # Values PostgreSQL cannot store (a NUL character, an out-of-range number) are bad input.
+        return ValidationError("Request contains a value that cannot be stored (for example a NUL character)")
+    if is_transient(error):
+        logger.warning("service unavailable: %s", error)
+        return ServiceUnavailable(
+            "The database or Redis is unavailable; try again shortly", headers={"Retry-After": "2"}
+        )
+    logger.exception("unhandled error")
+    return InternalError()

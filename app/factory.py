@@ -7,7 +7,6 @@ from typing import Any
 
 from flask import Flask, jsonify
 from flask_smorest import Api
-from sqlalchemy.exc import DataError
 from werkzeug.exceptions import HTTPException
 
 from api.schemas.common import ErrorEnvelopeSchema, Timestamp
@@ -19,10 +18,9 @@ from app.errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
-    ServiceUnavailable,
     ValidationError,
+    error_for,
     for_status,
-    is_transient,
 )
 from app.services import Services
 
@@ -69,22 +67,6 @@ def _handle_unexpected(error: Exception) -> Any:
     if isinstance(error, HTTPException):
         raise error
     return _handle_baton_error(error_for(error))
-
-
-def error_for(error: Exception) -> BatonError:
-    """The Baton error an unexpected exception is answered with (logged here when it is a fault)."""
-    if isinstance(error, BatonError):
-        return error
-    if isinstance(error, DataError):
-        # Values PostgreSQL cannot store (a NUL character, an out-of-range number) are bad input.
-        return ValidationError("Request contains a value that cannot be stored (for example a NUL character)")
-    if is_transient(error):
-        logger.warning("service unavailable: %s", error)
-        return ServiceUnavailable(
-            "The database or Redis is unavailable; try again shortly", headers={"Retry-After": "2"}
-        )
-    logger.exception("unhandled error")
-    return InternalError()
 
 
 def create_app(config: Config | None = None, services: Services | None = None) -> Flask:
