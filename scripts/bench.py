@@ -1869,7 +1869,12 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"<= {budget:g} ms",
             s["median_ms"] <= budget,
         )
-    for key, label in (("triggers", "workers stopped"), ("triggers_busy", "workers running")):
+    # DESIGN §12: the trigger rate is the API's alone (workers stopped); the same with the workers
+    # running (executing what is triggered, on the same cores) is reported beside it.
+    for key, label, judged in (
+        ("triggers", "workers stopped", True),
+        ("triggers_busy", "workers running", False),
+    ):
         tr = results.get(key)
         if tr:
             rate = tr["median_per_s"]
@@ -1877,8 +1882,8 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 f"API triggers/s, {label}",
                 rate,
                 None,
-                f">= {TARGET_TRIGGERS}",
-                rate >= TARGET_TRIGGERS,
+                f">= {TARGET_TRIGGERS}" if judged else "(info)",
+                rate >= TARGET_TRIGGERS if judged else None,
                 "{:.0f}",
             )
     bt = results.get("batch_triggers")
@@ -2127,7 +2132,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.report is not None:
         saved = json.loads(args.report.read_text())
-        print_summary(saved, saved["summary"], args.markdown)
+        # The rows are judged again from the figures, so a report follows the current targets.
+        print_summary(saved, summary_rows(saved["results"]), args.markdown)
         return 0
     children = Children()
     bench = Bench(args, children)
