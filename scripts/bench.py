@@ -1686,10 +1686,30 @@ class Bench:
         out: dict[str, Any] = {"table_runs": total, "requests": a.list_requests, "cases": {}}
         try:
             self.list_cases(cases, out)
+            out["floor"] = self.list_floor()
         finally:
             if load is not None:
                 out["load"] = self.stop_list_load(load)
         self.results["list"] = out
+
+    def list_floor(self) -> dict[str, float]:
+        """The same server's answer to ``GET /healthz`` (no database, no Redis), timed as the list
+        is and under the same load: the latency a request has before it does any work."""
+        session, url = self.api.session, self.api.base_url + "/healthz"
+        samples = []
+        for i in range(20 + self.args.list_requests):
+            started = time.perf_counter()
+            response = session.get(url, timeout=30)
+            elapsed = time.perf_counter() - started
+            if response.status_code != 200:
+                raise BenchError(f"GET /healthz: HTTP {response.status_code}")
+            if i >= 20:
+                samples.append(elapsed * 1000)
+        floor = {"p50_ms": percentile(samples, 50), "p99_ms": percentile(samples, 99), "max_ms": max(samples)}
+        log(
+            f"GET /healthz (the floor, same load): p50 {floor['p50_ms']:.1f} ms, p99 {floor['p99_ms']:.1f} ms"
+        )
+        return floor
 
     def list_cases(self, cases: dict[str, dict[str, Any]], out: dict[str, Any]) -> None:
         a = self.args
@@ -1917,6 +1937,10 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         if worst is not None:
             runs = lst["table_runs"]
             at_most(f"GET /runs p99 ms, worst case ({runs:,} runs)", worst, TARGET_LIST_P99_MS, "{:.1f}")
+        floor = lst.get("floor")
+        if floor:
+            info("  GET /healthz p50 ms, same load (no work: the floor)", floor["p50_ms"], "{:.1f}")
+            info("  GET /healthz p99 ms, same load (no work: the floor)", floor["p99_ms"], "{:.1f}")
     return rows
 
 
