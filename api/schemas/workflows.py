@@ -19,6 +19,7 @@ class WorkflowSchema(Schema):
     output = AnyJSON()
     timeoutMs = fields.Integer()
     triggers = AnyJSON()
+    concurrency = AnyJSON(metadata={"description": "{key, limit}: at most limit runs of a key at once"})
     createdAt = Timestamp(attribute="created_at")
     updatedAt = Timestamp(attribute="updated_at")
     nextRunAt = Timestamp(

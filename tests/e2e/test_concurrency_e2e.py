@@ -74,3 +74,16 @@ def test_a_bad_concurrency_is_refused_naming_the_field(client, headers):
         assert response.status_code == 400, concurrency
         error = response.get_json()["error"]
         assert error["code"] == "VALIDATION_ERROR" and field in error["details"], (concurrency, error)
+
+
+def test_the_workflow_shows_its_concurrency_and_its_steps_needs(client, headers):
+    body = {
+        "name": "shown",
+        "steps": [{"id": "a", "action": "transform"}, {"id": "b", "action": "transform", "needs": []}],
+        "concurrency": {"key": "{{ input.k }}", "limit": 2},
+    }
+    created = client.post("/api/v1/workflows", json=body, headers=headers).get_json()["data"]
+    read = client.get(f"/api/v1/workflows/{created['id']}", headers=headers).get_json()["data"]
+    for data in (created, read):
+        assert data["concurrency"] == {"key": "{{ input.k }}", "limit": 2}
+        assert "needs" not in data["steps"][0] and data["steps"][1]["needs"] == []
