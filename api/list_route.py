@@ -29,11 +29,9 @@ from functools import lru_cache
 from typing import Any
 from urllib.parse import parse_qsl
 
-import psycopg
 from flask import Flask
 from marshmallow import ValidationError as MarshmallowError
 from psycopg.rows import namedtuple_row, tuple_row
-from sqlalchemy.exc import DBAPIError
 from werkzeug.http import HTTP_STATUS_CODES
 
 from api.metrics import share_series
@@ -42,7 +40,7 @@ from api.runs import _error_view, run_summary
 from api.schemas.common import ok
 from api.schemas.runs import ListRunsQuerySchema
 from app import keys, logs, metrics, ratelimit
-from app.db import autocommit, count_statements
+from app.db import autocommitted
 from app.errors import ValidationError, error_for
 from app.ids import WORKFLOW_ID
 from app.timeutil import from_epoch_ms
@@ -236,22 +234,7 @@ class ListRoute:
 
     def _rows(self, sql: str, params: dict[str, Any], row_factory: Any = tuple_row) -> list[Any]:
         """The statement's rows, on the driver's own connection in autocommit: one round trip."""
-        try:
-            pooled = self.services.db.engine.raw_connection()
-        except psycopg.Error as exc:
-            raise DBAPIError.instance(None, None, exc, psycopg.Error) from exc
-        try:
-            conn = pooled.driver_connection
-            with autocommit(conn), conn.cursor(row_factory=row_factory) as cursor:
-                count_statements()  # sent on the driver's connection, past the engine's counter
-                return cursor.execute(sql, params).fetchall()
-        except psycopg.Error as exc:
-            # As SQLAlchemy would raise it (an outage is then a 503).
-            if conn.closed or conn.broken:
-                pooled.invalidate()
-            raise DBAPIError.instance(sql, params, exc, psycopg.Error) from exc
-        finally:
-            pooled.close()
+        return autocommitted(self.services.db, sql, params, lambda cursor: cursor.fetchall(), row_factory)
 
 
 def install(app: Flask) -> None:

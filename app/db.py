@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Config
+
+T = TypeVar("T")
 
 # --------------------------------------------------------------------------- statement counter
 
@@ -120,3 +122,30 @@ def autocommit(conn: Any) -> Iterator[Any]:
                 conn.autocommit = False
             except Exception:  # noqa: BLE001 (broken: the caller's error handling replaces it)
                 pass
+
+
+def autocommitted(
+    db: Database, sql: Any, params: Any, read: Callable[[Any], T], row_factory: Any = None
+) -> T:
+    """``read(cursor)`` of one statement sent on a pooled driver connection (psycopg) in autocommit:
+    one round trip, no ORM session, no BEGIN or COMMIT. Its errors are raised as SQLAlchemy raises
+    them (an outage is then a 503, a value PostgreSQL refuses a 400), and a connection that broke
+    is dropped from the pool."""
+    import psycopg
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        pooled = db.engine.raw_connection()
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(None, None, exc, psycopg.Error) from exc
+    conn = pooled.driver_connection
+    try:
+        with autocommit(conn), conn.cursor(row_factory=row_factory) as cursor:
+            count_statements()  # sent on the driver's connection, past the engine's counter
+            return read(cursor.execute(sql, params))
+    except psycopg.Error as exc:
+        if conn.closed or conn.broken:
+            pooled.invalidate()
+        raise DBAPIError.instance(sql, params, exc, psycopg.Error) from exc
+    finally:
+        pooled.close()

@@ -14,7 +14,7 @@ from datetime import timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from app.db import Database, autocommit, count_statements
+from app.db import Database, autocommitted
 from app.errors import NotFound, ValidationError
 from app.ids import new_short_id
 from app.timeutil import utcnow
@@ -135,18 +135,7 @@ _KEY_ROW = "SELECT id, company_id, hash, scopes, revoked_at, last_used_at FROM a
 
 def _authenticate_row(db: Database, key: str) -> Principal | None:
     prefix = key[len(KEY_PREFIX) :].split("_", 1)[0]
-    pooled = db.engine.raw_connection()
-    try:
-        conn = pooled.driver_connection
-        with autocommit(conn):
-            count_statements()  # sent on the driver's connection, past the engine's counter
-            row = conn.execute(_KEY_ROW, (prefix,)).fetchone()
-    except Exception:
-        if conn.closed or conn.broken:
-            pooled.invalidate()
-        raise
-    finally:
-        pooled.close()
+    row = autocommitted(db, _KEY_ROW, (prefix,), lambda cursor: cursor.fetchone())
     if row is None:
         return None
     key_id, company_id, digest, scopes, revoked_at, last_used_at = row

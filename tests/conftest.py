@@ -361,3 +361,13 @@ def wait_run(client: Any, headers: dict[str, str]) -> Callable[..., dict[str, An
             time.sleep(0.02)
 
     return wait
+
+
+def assert_rate_limited(response: Any) -> None:
+    """A 429 in the spec's envelope, with a Retry-After within the day."""
+    assert response.status_code == 429
+    assert response.get_json() == {
+        "success": False,
+        "error": {"code": "RATE_LIMITED", "message": "Too many requests"},
+    }
+    assert 1 <= int(response.headers["Retry-After"]) <= 24 * 3600

@@ -11,13 +11,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-import psycopg
 from sqlalchemy import insert, select, text, update
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import events, metrics
-from app.db import autocommit, count_statements
+from app.db import autocommitted
 from app.engine import concurrency, outbox
 from app.engine import statements as sql
 from app.engine import transitions as move
@@ -208,23 +207,8 @@ def _insert_planned(
         plan.step_list,
     )
     # The driver's own connection: one statement needs no ORM session, and autocommit makes it
-    # one round trip (no BEGIN, no COMMIT). The pool's reset on return finds no transaction open.
-    try:
-        pooled = services.db.engine.raw_connection()
-    except psycopg.Error as exc:
-        raise DBAPIError.instance(None, None, exc, psycopg.Error) from exc
-    try:
-        conn = pooled.driver_connection
-        with autocommit(conn):
-            count_statements()  # sent on the driver's connection, past the engine's counter
-            inserted = conn.execute(_INSERT_RUN_IF_CURRENT, params).rowcount
-    except psycopg.Error as exc:
-        # As SQLAlchemy would raise it (an outage is then a 503, a value PostgreSQL refuses a 400).
-        if conn.closed or conn.broken:
-            pooled.invalidate()
-        raise DBAPIError.instance(_INSERT_RUN_IF_CURRENT, params, exc, psycopg.Error) from exc
-    finally:
-        pooled.close()
+    # one round trip (no BEGIN, no COMMIT).
+    inserted = autocommitted(services.db, _INSERT_RUN_IF_CURRENT, params, lambda cursor: cursor.rowcount)
     if inserted:
         return run
     _plans.pop((company_id, plan.id), None)
