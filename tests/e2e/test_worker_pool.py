@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -232,7 +233,11 @@ def test_worker_processes_that_cannot_start_make_the_pool_exit_1(start_pool):
     text = pool.text()
     assert "No module named 'baton_test_no_such_module'" in text
     last = text.strip().splitlines()[-1]
-    assert "worker processes cannot start: 5 failed starts in a row (the last exited with code 3)" in last
+    # Both children can fail in one pass of the supervisor: the count is at least the limit.
+    gave_up = re.search(
+        r"worker processes cannot start: (\d+) failed starts in a row \(the last exited with code 3\)", last
+    )
+    assert gave_up is not None and int(gave_up.group(1)) >= 5, last
     started = [
         int(line.split("worker process ")[1].split()[0])
         for line in text.splitlines()
