@@ -1,8 +1,8 @@
 """Per-company step slots: one company cannot occupy every worker thread.
 
-A slot is a member of the sorted set ``{ns}:slots:{company_id}`` (a run id: a run executes one step
-at a time and a chain keeps its slot) scored by its lease expiry; the worker's heartbeat renews it
-and a dead worker's slot lapses with its lease.
+A slot is a member of the sorted set ``{ns}:slots:{company_id}`` (``<run id>/<step id>`` of the
+message that took it: a chain keeps it, and each parallel branch of a run holds its own) scored by
+its lease expiry; the worker's heartbeat renews it and a dead worker's slot lapses with its lease.
 
 The message carries its company, so the check costs one Redis call before any database work. A
 message over the cap is *parked* in the company's list ``{ns}:parked:{company_id}`` (same call), and
@@ -90,15 +90,15 @@ return 1
 )
 
 # KEYS: the company's slots, its parked list. ARGV: member, lease expiry, key ttl (s).
-# Frees the member's slot; if a message is parked, its run takes the slot and the message is returned.
+# Frees the member's slot; if a message is parked, it takes the slot and is returned.
 _LEAVE = """
 redis.call('ZREM', KEYS[1], ARGV[1])
 local parked = redis.call('LPOP', KEYS[2])
 if not parked then
   return false
 end
-local run_id = cjson.decode(parked)[1]
-redis.call('ZADD', KEYS[1], ARGV[2], run_id)
+local message = cjson.decode(parked)
+redis.call('ZADD', KEYS[1], ARGV[2], message[1] .. '/' .. message[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return parked
 """
@@ -115,6 +115,11 @@ class Message:
     step_id: str
     attempt: int
     company_id: str
+
+    @property
+    def member(self) -> str:
+        """Its slot's member: the message's run and step (a step id has no slash)."""
+        return f"{self.run_id}/{self.step_id}"
 
 
 class _Local:
@@ -168,7 +173,7 @@ def cap(services: Services) -> int:
 
 
 def enter(services: Services, message: Message) -> bool:
-    """Take (or keep) the run's slot: True to execute now, False when the message was parked."""
+    """Take (or keep) the message's slot: True to execute now, False when the message was parked."""
     if cap(services) == 0:
         return True
     now = time.time()
@@ -180,7 +185,7 @@ def enter(services: Services, message: Message) -> bool:
     body = json.dumps([message.run_id, message.step_id, message.attempt])
     # A company already on all but one of this process's threads: park whatever the global count.
     limit = cap(services) if local.take(message.company_id) else PARK
-    args = [message.run_id, now, now + LEASE_S, limit, int(LEASE_S * 4), body]
+    args = [message.member, now, now + LEASE_S, limit, int(LEASE_S * 4), body]
     try:
         entered = int(_ENTER_SCRIPT(keys=keys, args=args, client=services.redis)) != 0
     except redis.RedisError as exc:
@@ -194,17 +199,17 @@ def enter(services: Services, message: Message) -> bool:
     return entered
 
 
-def leave(services: Services, company_id: str, run_id: str) -> Message | None:
-    """Free the run's slot, or hand it to the company's oldest parked message (returned)."""
+def leave(services: Services, company_id: str, member: str) -> Message | None:
+    """Free the message's slot, or hand it to the company's oldest parked message (returned)."""
     if cap(services) == 0:
         return None
     local.give(company_id)
-    args = [run_id, time.time() + LEASE_S, int(LEASE_S * 4)]
+    args = [member, time.time() + LEASE_S, int(LEASE_S * 4)]
     keys = [slots_key(services, company_id), parked_key(services, company_id)]
     try:
         parked = _LEAVE_SCRIPT(keys=keys, args=args, client=services.redis)
     except redis.RedisError as exc:
-        logger.warning("could not free the step slot of %s (Redis down): %s", run_id, exc)
+        logger.warning("could not free the step slot of %s (Redis down): %s", member, exc)
         return None
     if not parked:
         return None
@@ -253,15 +258,15 @@ def unregister(services: Services, entry: str) -> None:
         logger.warning("could not unregister worker capacity (Redis down): %s", exc)
 
 
-def release(services: Services, company_id: str, run_id: str) -> None:
-    """Free the run's slot without taking a parked message (the message itself failed)."""
+def release(services: Services, company_id: str, member: str) -> None:
+    """Free the message's slot without taking a parked message (the message itself failed)."""
     if cap(services) == 0:
         return
     local.give(company_id)
     try:
-        services.redis.zrem(slots_key(services, company_id), run_id)
+        services.redis.zrem(slots_key(services, company_id), member)
     except redis.RedisError as exc:
-        logger.warning("could not free the step slot of %s (Redis down): %s", run_id, exc)
+        logger.warning("could not free the step slot of %s (Redis down): %s", member, exc)
 
 
 # KEYS: the company's slots, its parked list, the capacity set. ARGV: now, cap (-1 auto), most.

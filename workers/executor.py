@@ -292,15 +292,16 @@ def execute_step(
     if message is not None and not slots.enter(services, message):
         return  # parked: the thread that frees one of the company's slots runs it
     while True:
+        member = message.member if message is not None else None
         try:
-            execute_message(services, leases, time_limit, run_id, step_id, attempt)
+            execute_message(services, leases, time_limit, run_id, step_id, attempt, member)
         except BaseException:
             if message is not None:  # an outage before the claim: Dramatiq retries the message
-                slots.release(services, message.company_id, run_id)
+                slots.release(services, message.company_id, message.member)
             raise
         if message is None:
             return
-        message = slots.leave(services, message.company_id, run_id)
+        message = slots.leave(services, message.company_id, message.member)
         if message is None:
             return
         run_id, step_id, attempt = message.run_id, message.step_id, message.attempt
@@ -313,13 +314,16 @@ def execute_message(
     run_id: str,
     step_id: str,
     attempt: int,
+    slot: str | None = None,
 ) -> None:
     """Claim the message's step and run its chain (nothing if the message is stale or cancelled:
-    the claim refuses a step of a run that is no longer running, so no cancel flag is read)."""
+    the claim refuses a step of a run that is no longer running, so no cancel flag is read).
+    ``slot``: the company step slot the message holds, renewed by the heartbeat with the chain."""
     # An outage: the message is retried. A pure step's claim commits with its result.
     claim = engine.claim_step(services, run_id, step_id, attempt, defer_pure=True)
     if claim is None:
         return
+    claim.slot = slot
     try:
         run_chain(services, leases, time_limit, claim)
     finally:

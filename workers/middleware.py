@@ -118,7 +118,7 @@ class LeaseHeartbeat:
             if self.capacity_entry is not None:
                 slots.register(self.services, self.capacity_entry)
                 slots.rescue(self.services)
-            slots.renew(self.services, {(c.company_id, c.run_id) for c, _ in held})
+            slots.renew(self.services, {(c.company_id, c.slot) for c, _ in held if c.slot is not None})
             return engine.renew_leases(self.services, held)
         except Exception:
             logger.warning("could not renew step leases; retrying", exc_info=True)

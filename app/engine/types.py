@@ -47,6 +47,8 @@ class Claim:
     run_started_at: datetime | None = None
     # A pure step's claim not committed yet (``hotpath.claim_queued``): its result commits it.
     tx: Any = field(default=None, repr=False, compare=False)
+    # The company step slot (``app.slots``) of the message this chain started from, if any.
+    slot: str | None = field(default=None, compare=False)
 
     @classmethod
     def of_run(cls, run: Any, definition: dict[str, Any], position: int, attempt: int, **rest: Any) -> Claim:

@@ -57,6 +57,11 @@ def parked(e: Engine) -> list[list]:
     return [json.loads(m) for m in e.services.redis.lrange(key, 0, -1)]
 
 
+def member(run_id: str, step_id: str = "a") -> str:
+    """A slot's member: the run and step of the message that holds it."""
+    return f"{run_id}/{step_id}"
+
+
 def message(e: Engine, run_id: str, step_id: str = "a") -> slots.Message:
     return slots.Message(run_id, step_id, 1, e.company_id)
 
@@ -75,7 +80,7 @@ def test_over_the_cap_a_message_is_parked_and_its_step_stays_queued(c: Engine) -
     wid = c.workflow(step("a"))
     first, second, third = (c.trigger(wid) for _ in range(3))
     assert slots.enter(c.services, message(c, first)) and slots.enter(c.services, message(c, second))
-    assert sorted(held(c)) == sorted([first, second])
+    assert sorted(held(c)) == sorted([member(first), member(second)])
     assert not slots.enter(c.services, message(c, third))
     assert parked(c) == [[third, "a", 1]]
     assert c.statuses(third) == [S.QUEUED], "parking touched no database row"
@@ -87,11 +92,13 @@ def test_freeing_a_slot_hands_it_to_the_oldest_parked_message(c: Engine) -> None
     for run_id in runs:
         slots.enter(c.services, message(c, run_id))
     assert parked(c) == [[runs[2], "a", 1], [runs[3], "a", 1]]
-    handed = slots.leave(c.services, c.company_id, runs[0])
+    handed = slots.leave(c.services, c.company_id, member(runs[0]))
     assert handed == message(c, runs[2])
-    assert sorted(held(c)) == sorted([runs[1], runs[2]]), "the parked run holds the freed slot"
-    assert slots.leave(c.services, c.company_id, runs[1]) == message(c, runs[3])
-    assert slots.leave(c.services, c.company_id, runs[2]) is None and held(c) == [runs[3]]
+    assert sorted(held(c)) == sorted([member(runs[1]), member(runs[2])]), (
+        "the parked message holds the freed slot"
+    )
+    assert slots.leave(c.services, c.company_id, member(runs[1])) == message(c, runs[3])
+    assert slots.leave(c.services, c.company_id, member(runs[2])) is None and held(c) == [member(runs[3])]
 
 
 def test_another_company_is_not_held_back(c: Engine, engine_services: Services, queue: BrokerQueue) -> None:
@@ -135,13 +142,14 @@ def test_a_dead_workers_slot_lapses_and_the_heartbeat_renews_live_ones(c: Engine
     c.services.redis.zadd(key, {"run_dead-1": time.time() - 1, "run_dead-2": time.time() - 1})
     run_id, claim = c.start(step("a"))
     assert slots.enter(c.services, message(c, run_id)), "expired slots do not count"
-    assert held(c) == [run_id]
-    before = c.services.redis.zscore(key, run_id)
+    assert held(c) == [member(run_id)]
+    before = c.services.redis.zscore(key, member(run_id))
     beat = LeaseHeartbeat(c.services)
+    claim.slot = member(run_id)  # as the executor sets it for the message's chain
     beat.hold(claim)
     time.sleep(0.01)
     assert beat.beat() == 1
-    assert c.services.redis.zscore(key, run_id) > before
+    assert c.services.redis.zscore(key, member(run_id)) > before
 
 
 def test_auto_is_three_quarters_of_the_live_worker_threads(c: Engine) -> None:
@@ -152,14 +160,14 @@ def test_auto_is_three_quarters_of_the_live_worker_threads(c: Engine) -> None:
     runs = [auto.trigger(wid) for _ in range(14)]
     try:
         assert slots.enter(auto.services, message(auto, runs[0])), "no worker registered: no cap"
-        slots.leave(auto.services, auto.company_id, runs[0])
+        slots.leave(auto.services, auto.company_id, member(runs[0]))
         slots.register(auto.services, "host-a:1:8")
         slots.register(auto.services, "host-b:2:8")
         auto.services.redis.zadd(capacity, {"host-c:3:64": time.time() - 1})  # a lapsed process
         entered = [slots.enter(auto.services, message(auto, run_id)) for run_id in runs[1:]]
         assert entered == [True] * 12 + [False], "16 live threads: a company may hold 12"
         slots.unregister(auto.services, "host-b:2:8")
-        assert slots.leave(auto.services, auto.company_id, runs[1]) == message(auto, runs[13])
+        assert slots.leave(auto.services, auto.company_id, member(runs[1])) == message(auto, runs[13])
     finally:
         auto.services.redis.delete(capacity)
 
@@ -174,7 +182,7 @@ def test_a_process_keeps_one_thread_free_of_any_one_company(c: Engine) -> None:
         entered = [slots.enter(roomy.services, message(roomy, run_id)) for run_id in runs]
         assert entered == [True, True, False], "2 of this process's 3 threads, whatever the global cap"
         assert parked(roomy) == [[runs[2], "a", 1]]
-        assert slots.leave(roomy.services, roomy.company_id, runs[0]) == message(roomy, runs[2])
+        assert slots.leave(roomy.services, roomy.company_id, member(runs[0])) == message(roomy, runs[2])
         assert slots.local.busy[roomy.company_id] == 2
     finally:
         slots.local.limit = 0  # the fixture restores the process's own limit
@@ -210,9 +218,22 @@ def test_the_heartbeat_sends_back_parked_messages_a_failed_holder_left(c: Engine
     assert len(parked(c)) == 2
     assert slots.rescue(c.services) == 0, "at its cap: the holders will take them"
     for run_id in runs[:CAP]:
-        slots.release(c.services, c.company_id, run_id)  # each holder's message failed: no hand-over
+        slots.release(c.services, c.company_id, member(run_id))  # each holder's message failed: no hand-over
     assert slots.rescue(c.services) == 2
     assert parked(c) == []
     assert [(m.run_id, m.company_id) for r in runs[CAP:] for m in queue.sent(r)] == [
         (r, c.company_id) for r in runs[CAP:]
     ]
+
+
+def test_each_parallel_branch_of_a_run_holds_its_own_slot(c: Engine) -> None:
+    """A DAG's branches run at once: each takes a slot of the company's cap, and one finishing
+    frees its own, not its sibling's."""
+    run_id = c.trigger(c.workflow(step("a", needs=[]), step("b", needs=[]), step("c", needs=["a", "b"])))
+    assert slots.enter(c.services, message(c, run_id, "a"))
+    assert slots.enter(c.services, message(c, run_id, "b"))
+    assert sorted(held(c)) == [member(run_id, "a"), member(run_id, "b")]
+    other = c.trigger(c.workflow(step("a")))
+    assert not slots.enter(c.services, message(c, other)), "the two branches fill the cap of 2"
+    assert slots.leave(c.services, c.company_id, member(run_id, "a")) == message(c, other)
+    assert sorted(held(c)) == [member(run_id, "b"), member(other)]
