@@ -28,10 +28,9 @@ from sqlalchemy.orm import Session
 from app import templating
 from app.engine.graph import graph
 from app.engine.reads import current_step_runs, definition_for
-from app.engine.states import RUN_TERMINAL, STEP_FINISHED, reusable
+from app.engine.states import RUN_TERMINAL
 from app.errors import ValidationError
 from models import Run
-from models.states import StepStatus
 
 WAITING, HELD = "waiting", "held"
 _MAX_KEY = 200  # a longer rendered key is stored as its SHA-256
@@ -102,13 +101,7 @@ def startable(session: Session, run_id: str, definition: dict[str, Any]) -> list
     """The run's pending steps whose needs are all met (a new run: its first steps; a restart:
     the steps it re-runs first)."""
     shape = graph(definition)
-    rows = current_step_runs(session, run_id)
-    met = {r.position for r in rows if r.status in STEP_FINISHED and reusable(r.status, r.duration_ms)}
-    return [
-        r.step_id
-        for r in rows
-        if r.status == StepStatus.PENDING and all(p in met for p in shape.needs[r.position])
-    ]
+    return [shape.ids[p] for p in shape.progress(current_step_runs(session, run_id)).ready]
 
 
 def free(session: Session, run: Run) -> str | None:

@@ -16,12 +16,12 @@ from app.engine import transitions as move
 from app.engine.graph import graph
 from app.engine.reads import current_step_runs, definition_for, lock_run, results_of, step_runs
 from app.engine.retry import RetryPolicy
-from app.engine.states import LEASE, LEASE_GRACE, RUN_EXECUTING, STEP_FINISHED, reusable
+from app.engine.states import LEASE, LEASE_GRACE, RUN_EXECUTING, STEP_FINISHED
 from app.engine.trigger import send_or_leave_to_sweep
 from app.engine.types import Claim, Next, Outcome
 from app.services import Services
 from app.timeutil import duration_ms, utcnow
-from models import Run, StepRun
+from models import Run
 from models.states import RunStatus, StepStatus
 
 R, S = RunStatus, StepStatus
@@ -313,30 +313,13 @@ def settle(session: Session, run: Run, definition: dict[str, Any], now: datetime
         return []
     shape = graph(definition)
     rows = {row.position: row for row in current_step_runs(session, run.id)}
-    met: dict[int, bool | None] = {}  # position → True done, False blocked, None not yet
-    ready: list[StepRun] = []
-    blocked: list[str] = []
-    for position in shape.order:
-        row = rows[position]
-        if row.status == S.PENDING:
-            needs = [met[p] for p in shape.needs[position]]
-            if False in needs:
-                blocked.append(row.step_id)
-                met[position] = False
-            elif all(needs):
-                ready.append(row)
-                met[position] = None
-            else:
-                met[position] = None
-        elif row.status in STEP_FINISHED:
-            met[position] = reusable(row.status, row.duration_ms)
-        else:
-            met[position] = None  # queued, running, waiting: still going
-    move.skip_steps(session, run.id, blocked, now)
+    progress = shape.progress(rows.values())
+    move.skip_steps(session, run.id, [shape.ids[p] for p in progress.blocked], now)
+    ready = [shape.ids[p] for p in progress.ready]
     sends = [
-        (run.id, row.step_id, 1, 0) for row in ready if move.queue_pending(session, run.id, row.step_id, now)
+        (run.id, step_id, 1, 0) for step_id in ready if move.queue_pending(session, run.id, step_id, now)
     ]
-    if any(status is None for status in met.values()):
+    if progress.unfinished:
         return sends
     failed = [rows[p] for p in sorted(rows) if rows[p].status == S.ERROR]
     if failed:

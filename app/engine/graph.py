@@ -10,8 +10,12 @@ failure are skipped, and the run ends when nothing is left to run.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+from app.engine.states import STEP_FINISHED, reusable
+from models.states import StepStatus
 
 _cache: dict[int, tuple[dict[str, Any], Graph]] = {}
 _cache_lock = threading.Lock()
@@ -47,6 +51,40 @@ class Graph:
     def needed_ids(self, position: int) -> frozenset[str]:
         """The ids of the steps ``position`` needs, directly or not (what its templates see)."""
         return frozenset(self.ids[i] for i in self.ancestors[position])
+
+    def progress(self, rows: Iterable[Any]) -> Progress:
+        """Where a run stands, from its step rows (``position``, ``status``, ``duration_ms``):
+        which pending steps can start, which never will (a step they need failed, or was skipped
+        by the run's end), and whether anything is left to run."""
+        by_position = {row.position: row for row in rows}
+        met: dict[int, bool | None] = {}  # done (True), blocked (False), not yet (None)
+        found = Progress([], [], unfinished=False)
+        for position in self.order:
+            row = by_position[position]
+            if row.status == StepStatus.PENDING:
+                needs = [met[p] for p in self.needs[position]]
+                if False in needs:
+                    found.blocked.append(position)
+                    met[position] = False
+                    continue
+                if all(needs):
+                    found.ready.append(position)
+                met[position] = None
+            elif row.status in STEP_FINISHED:
+                met[position] = reusable(row.status, row.duration_ms)
+            else:
+                met[position] = None  # queued, running, waiting: still going
+        found.unfinished = any(status is None for status in met.values())
+        return found
+
+
+@dataclass
+class Progress:
+    """``Graph.progress``: positions, in topological order."""
+
+    ready: list[int]
+    blocked: list[int]
+    unfinished: bool
 
 
 def declared_needs(steps: list[dict[str, Any]]) -> list[list[str]]:
