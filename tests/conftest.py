@@ -371,3 +371,24 @@ def assert_rate_limited(response: Any) -> None:
         "error": {"code": "RATE_LIMITED", "message": "Too many requests"},
     }
     assert 1 <= int(response.headers["Retry-After"]) <= 24 * 3600
+
+
+def after_revoking(
+    services: Any, key: str, status: Callable[[], int], ok: int, warm: int
+) -> tuple[list, list]:
+    """``status()`` (a request with ``key``, on a new connection each time so every API process
+    answers and caches the key) ``warm`` times, each ``ok``; then the key is revoked and asked for
+    2 s. Returns the seconds after the revocation of each request still accepted, and the codes of
+    the requests after the first second."""
+    from app import keys
+
+    assert [status() for _ in range(warm)] == [ok] * warm
+    with services.db.session() as session:
+        assert keys.revoke(session, key.split("_")[1])
+    revoked_at = time.monotonic()
+    seen: list[tuple[float, int]] = []
+    while time.monotonic() < revoked_at + 2.0:
+        seen.append((time.monotonic(), status()))
+    accepted = [at - revoked_at for at, code in seen if code == ok]
+    late = [code for at, code in seen if at > revoked_at + 1.0]
+    return accepted, late

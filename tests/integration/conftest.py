@@ -35,6 +35,20 @@ from tests.conftest import wait_for
 R, S = RunStatus, StepStatus
 
 
+# The events of a run of steps a, b, c after its creation, as (kind, step, status): each step's claim
+# and result, the run started by the first claim and ended after the last result.
+CHAIN_EVENTS = [
+    ("step", "a", "running"),
+    ("run", None, "running"),
+    ("step", "a", "success"),
+    ("step", "b", "running"),
+    ("step", "b", "success"),
+    ("step", "c", "running"),
+    ("step", "c", "success"),
+    ("run", None, "completed"),
+]
+
+
 def step(step_id: str, action: str = "transform", **extra: Any) -> dict[str, Any]:
     """A step definition (``transform`` unless told)."""
     return {"id": step_id, "action": action, "input": extra.pop("input", {}), **extra}

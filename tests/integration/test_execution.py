@@ -21,7 +21,16 @@ from app.services import Services
 from app.timeutil import duration_ms, epoch_ms, iso, utcnow
 from models import Run
 from models.states import RunStatus, StepStatus
-from tests.integration.conftest import Engine, failure, parked, retrying, step, success, until_past
+from tests.integration.conftest import (
+    CHAIN_EVENTS,
+    Engine,
+    failure,
+    parked,
+    retrying,
+    step,
+    success,
+    until_past,
+)
 
 R, S = RunStatus, StepStatus
 
@@ -724,16 +733,7 @@ def test_a_chain_of_pure_steps_commits_once_and_shows_nothing_before(e: Engine) 
         ("c", {"v": 3}),
     ]
     kinds = [(ev["kind"], ev.get("stepId"), ev["status"]) for ev in e.events(run_id)][2:]
-    assert kinds == [
-        ("step", "a", "running"),
-        ("run", None, "running"),
-        ("step", "a", "success"),
-        ("step", "b", "running"),
-        ("step", "b", "success"),
-        ("step", "c", "running"),
-        ("step", "c", "success"),
-        ("run", None, "completed"),
-    ]
+    assert kinds == CHAIN_EVENTS
 
 
 def test_an_open_chain_commits_once_it_is_older_than_its_budget(
