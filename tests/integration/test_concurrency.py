@@ -161,3 +161,22 @@ def test_a_dag_run_holds_one_slot_for_all_its_branches(e: Engine) -> None:
     e.record(e.claim(holder, "b"), success())
     assert e.run(holder).status == R.COMPLETED
     assert sorted(sent(e, waiting)) == ["a", "b"]
+
+
+def test_a_run_admitted_while_the_broker_is_down_is_sent_by_the_sweep(e: Engine, broker_down: Any) -> None:
+    """The commit that frees a slot admits the next run; if its message cannot be sent then, the
+    step stays queued and the lost-message sweep sends it."""
+    from app import engine
+
+    wid = e.workflow(step("a"), concurrency=PER_CUSTOMER)
+    holder, waiting = (e.trigger(wid, {"customerId": "down"}) for _ in range(2))
+    sent(e, holder)
+    claim = e.claim(holder, "a")
+    assert claim is not None
+    engine.record_result(broker_down, claim, success())  # the admission's send fails, logged
+    assert e.run(holder).status == R.COMPLETED
+    assert e.statuses(waiting) == [S.QUEUED] and slot(e, waiting) == "held"
+    assert sent(e, waiting) == []
+    later = utcnow() + timedelta(minutes=5)
+    assert e.sweeping(sweeps.sweep_lost_messages, later) >= 1
+    assert sent(e, waiting) == ["a"]
